@@ -18,8 +18,8 @@ between two live generations.
 from __future__ import annotations
 
 import asyncio
-import collections
 import atexit
+import collections
 import json
 import logging
 import queue
@@ -48,7 +48,7 @@ class EngineStoppedError(RuntimeError):
     """The engine's worker thread is gone; the request cannot complete."""
 
 
-class _Cancelled(Exception):
+class _CancelledError(Exception):
     """Raised inside the worker to abandon a request during prefill."""
 
 
@@ -272,13 +272,14 @@ class Engine:
                 # without an active exception"). A parked daemon thread never exits.
                 self._parked.set()
                 threading.Event().wait()
+                continue
             handle, request = item
             if handle.cancelled:
                 self.finished["cancelled"] += 1
                 continue
             try:
                 reason = self._generate(handle, request)
-            except _Cancelled:
+            except _CancelledError:
                 reason = "cancelled"
                 handle._put(_cancelled_final(len(request.prompt_ids)))
             except Exception as e:  # delivered to the caller, worker lives on
@@ -313,7 +314,7 @@ class Engine:
 
         def on_prefill(_done: int, _total: int) -> None:
             if handle.cancelled:
-                raise _Cancelled
+                raise _CancelledError
             _check_deadline(deadline, s.timeout)
 
         mx.reset_peak_memory()
@@ -323,7 +324,7 @@ class Engine:
         finish = "length"
         with wired_limit(self.model, [generation_stream]):
             steps = generate_step(
-                mx.array(request.prompt_ids),
+                mx.array(list(request.prompt_ids)),
                 self.model,
                 max_tokens=s.max_tokens,
                 sampler=sampler,
@@ -382,4 +383,3 @@ def _check_deadline(deadline: float | None, timeout: float | None) -> None:
 
 def _cancelled_final(n_prompt: int) -> Final:
     return Final("cancelled", n_prompt, 0, 0.0, 0.0, 0.0, 0.0)
-

@@ -25,7 +25,14 @@ from langchain_core.messages import (
 # tool calls travel in `tool_calls`; earlier reasoning is not re-sent (chat
 # templates of reasoning models strip it too).
 _AI_BLOCKS_CARRIED_ELSEWHERE = frozenset(
-    {"tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking"}
+    {
+        "tool_use",
+        "tool_call",
+        "tool_call_chunk",
+        "function_call",
+        "reasoning",
+        "thinking",
+    }
 )
 
 
@@ -114,7 +121,7 @@ def messages_to_dicts(
 
 
 def merge_system_into_first_user(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For templates without a system role: prepend system text to the first user turn."""
+    """For templates without a system role: put system text in the first user turn."""
     system = "\n\n".join(d["content"] for d in dicts if d["role"] == "system")
     rest = [dict(d) for d in dicts if d["role"] != "system"]
     if not system:

@@ -16,13 +16,20 @@ PROVIDER = "mlx"
 class FinalLike(Protocol):
     """The fields of `_engine.Final` this module reads."""
 
-    finish_reason: str
-    prompt_tokens: int
-    generation_tokens: int
-    prompt_tps: float
-    generation_tps: float
-    time_to_first_token: float
-    peak_memory_gb: float
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def generation_tokens(self) -> int: ...
+    @property
+    def prompt_tps(self) -> float: ...
+    @property
+    def generation_tps(self) -> float: ...
+    @property
+    def time_to_first_token(self) -> float: ...
+    @property
+    def peak_memory_gb(self) -> float: ...
 
 
 def usage_metadata(final: FinalLike) -> UsageMetadata:

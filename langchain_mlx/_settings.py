@@ -92,6 +92,7 @@ def canonical_settings(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     Raises:
         ValueError: for a name we do not know, saying where it came from and
             which names are accepted.
+
     """
     out: dict[str, Any] = {}
     for key, value in raw.items():

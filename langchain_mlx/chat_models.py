@@ -63,8 +63,9 @@ class ChatMLX(BaseChatModel):
         llm: MLXPipeline | None
             A loaded pipeline (community-compatible). Built from `model` if absent.
         model: str | None
-            Prepared model name (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`),
-            local MLX folder, or Hugging Face repo id. Default: SmolLM2-135M-Instruct.
+            Prepared model name (`smollm2-135m-instruct`,
+            `qwen2.5-coder-0.5b-instruct`), local MLX folder, or Hugging Face
+            repo id. Default: SmolLM2-135M-Instruct.
         system_message: SystemMessage | None
             Used when a conversation has no system message; `None` for none.
 
@@ -113,7 +114,8 @@ class ChatMLX(BaseChatModel):
     Token usage:
         ```python
         msg = chat.invoke("Hi")
-        msg.usage_metadata  # {'input_tokens': 31, 'output_tokens': 9, 'total_tokens': 40}
+        msg.usage_metadata
+        # {'input_tokens': 31, 'output_tokens': 9, 'total_tokens': 40}
         ```
         In a stream, the last chunk carries `usage_metadata`.
 
@@ -243,10 +245,9 @@ class ChatMLX(BaseChatModel):
         for legacy in ("pipeline_kwargs", "model_kwargs"):  # community names
             per_call.update(kwargs.pop(legacy, None) or {})
         per_call.update(kwargs)
-        settings = (
-            self._pipeline.default_settings.with_overrides(self._field_settings())
-            .with_overrides(canonical_settings(per_call, where="ChatMLX call"))
-        )
+        settings = self._pipeline.default_settings.with_overrides(
+            self._field_settings()
+        ).with_overrides(canonical_settings(per_call, where="ChatMLX call"))
         if stop is not None:
             settings = settings.with_overrides({"stop": stop})
         ids = render_prompt(tokenizer, messages, system_message=self.system_message)
@@ -317,7 +318,7 @@ class ChatMLX(BaseChatModel):
     # -- token counting --------------------------------------------------------
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids of `text` under the model's tokenizer (or `custom_get_token_ids`)."""
+        """Token ids of `text` (the model's tokenizer, or `custom_get_token_ids`)."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -1,9 +1,9 @@
 """The `langchain-mlx` command: chat with a local model, prepare offline models.
 
-    langchain-mlx chat "What is the capital of France?"
-    langchain-mlx chat --model ./my-mlx-folder --max-tokens 200 "Hi"
-    langchain-mlx models list
-    langchain-mlx models prepare qwen2.5-coder-0.5b-instruct
+langchain-mlx chat "What is the capital of France?"
+langchain-mlx chat --model ./my-mlx-folder --max-tokens 200 "Hi"
+langchain-mlx models list
+langchain-mlx models prepare qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations

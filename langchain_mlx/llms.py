@@ -107,7 +107,7 @@ class MLXPipeline(LLM):
         model_id: str,
         tokenizer_config: dict[str, Any] | None = None,
         adapter_file: str | None = None,
-        lazy: bool = False,  # noqa: FBT001, FBT002 - community signature
+        lazy: bool = False,
         pipeline_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> MLXPipeline:
@@ -147,7 +147,9 @@ class MLXPipeline(LLM):
 
     # -- generation: one path for sync and async ----------------------------
 
-    def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Request:
+    def _request(
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Request:
         per_call = dict(kwargs.pop("pipeline_kwargs", None) or {})
         per_call.update(kwargs)
         settings = self._defaults.with_overrides(
@@ -204,7 +206,9 @@ class MLXPipeline(LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        return "".join(c.text for c in self._stream(prompt, stop, run_manager, **kwargs))
+        return "".join(
+            c.text for c in self._stream(prompt, stop, run_manager, **kwargs)
+        )
 
     async def _acall(
         self,
@@ -213,7 +217,9 @@ class MLXPipeline(LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        parts = [c.text async for c in self._astream(prompt, stop, run_manager, **kwargs)]
+        parts = [
+            c.text async for c in self._astream(prompt, stop, run_manager, **kwargs)
+        ]
         return "".join(parts)
 
     def get_token_ids(self, text: str) -> list[int]:

@@ -67,7 +67,9 @@ def test_stream_has_many_chunks_and_a_last_chunk_with_usage(chat: ChatMLX) -> No
 
 async def test_sync_async_stream_and_invoke_agree(chat: ChatMLX) -> None:
     text = chat.invoke("Tell me a story", **SAMPLED).content
-    streamed = "".join(str(c.content) for c in chat.stream("Tell me a story", **SAMPLED))
+    streamed = "".join(
+        str(c.content) for c in chat.stream("Tell me a story", **SAMPLED)
+    )
     atext = (await chat.ainvoke("Tell me a story", **SAMPLED)).content
     astreamed = "".join(
         [str(c.content) async for c in chat.astream("Tell me a story", **SAMPLED)]
@@ -76,20 +78,28 @@ async def test_sync_async_stream_and_invoke_agree(chat: ChatMLX) -> None:
 
 
 def _segments(chat: ChatMLX) -> list[str]:
-    return [str(c.content) for c in chat.stream("Tell me a story", **SAMPLED) if c.content]
+    return [
+        str(c.content) for c in chat.stream("Tell me a story", **SAMPLED) if c.content
+    ]
 
 
 def test_stop_string_spanning_tokens_is_cut_and_never_emitted(chat: ChatMLX) -> None:
     segments = _segments(chat)
     # A stop string made of the end of one token and the start of the next.
-    i = next(i for i in range(1, len(segments) - 1)
-             if len(segments[i]) >= 2 and len(segments[i + 1]) >= 2)
+    i = next(
+        i
+        for i in range(1, len(segments) - 1)
+        if len(segments[i]) >= 2 and len(segments[i + 1]) >= 2
+    )
     stop = segments[i][-2:] + segments[i + 1][:2]
     full = "".join(segments)
     expected = full[: full.find(stop)]
     for stream in (True, False):
         if stream:
-            out = "".join(str(c.content) for c in chat.stream("Tell me a story", stop=[stop], **SAMPLED))
+            out = "".join(
+                str(c.content)
+                for c in chat.stream("Tell me a story", stop=[stop], **SAMPLED)
+            )
         else:
             msg = chat.invoke("Tell me a story", stop=[stop], **SAMPLED)
             assert msg.response_metadata["finish_reason"] == "stop"
@@ -143,7 +153,9 @@ async def test_fifty_sequential_astreams(chat: ChatMLX) -> None:
         assert chunks[-1].usage_metadata["output_tokens"] == 3
 
 
-async def test_concurrent_async_requests_each_get_their_own_output(chat: ChatMLX) -> None:
+async def test_concurrent_async_requests_each_get_their_own_output(
+    chat: ChatMLX,
+) -> None:
     prompts = [f"Question number {i}" for i in range(6)]
     solo = [chat.invoke(p, **SAMPLED).content for p in prompts]
     together = await asyncio.gather(*(chat.ainvoke(p, **SAMPLED) for p in prompts))
@@ -165,7 +177,9 @@ def test_callbacks_receive_every_token(chat: ChatMLX) -> None:
     assert len(handler.tokens) > 1
 
 
-def test_cache_returns_the_stored_answer_without_generating(tiny_model_path: str) -> None:
+def test_cache_returns_the_stored_answer_without_generating(
+    tiny_model_path: str,
+) -> None:
     chat = ChatMLX(model=tiny_model_path, max_tokens=8, cache=InMemoryCache())
     first = chat.invoke("Hi", **SAMPLED)
     done = sum(chat.llm.engine.finished.values())
@@ -174,12 +188,16 @@ def test_cache_returns_the_stored_answer_without_generating(tiny_model_path: str
     assert sum(chat.llm.engine.finished.values()) == done
 
 
-def test_system_message_default_none_and_explicit(chat: ChatMLX, tiny_model_path: str) -> None:
+def test_system_message_default_none_and_explicit(
+    chat: ChatMLX, tiny_model_path: str
+) -> None:
     from langchain_mlx._messages import render_text
     from langchain_mlx.chat_models import DEFAULT_SYSTEM_PROMPT
 
     def rendered(model: ChatMLX, messages: list) -> str:
-        return render_text(model.tokenizer, messages, system_message=model.system_message)
+        return render_text(
+            model.tokenizer, messages, system_message=model.system_message
+        )
 
     assert DEFAULT_SYSTEM_PROMPT in rendered(chat, [HumanMessage("Hi")])
     plain = ChatMLX(model=tiny_model_path, system_message=None)
@@ -193,9 +211,15 @@ def test_any_conversation_renders(chat: ChatMLX) -> None:
     convo = [
         SystemMessage("You are terse."),
         HumanMessage("What is 2+2?", name="alice"),
-        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2, "b": 2}, "id": "c1"}]),
+        AIMessage(
+            "", tool_calls=[{"name": "add", "args": {"a": 2, "b": 2}, "id": "c1"}]
+        ),
         ToolMessage("4", tool_call_id="c1"),
-        ToolMessage(["error: ", {"type": "text", "text": "boom"}], tool_call_id="c2", status="error"),
+        ToolMessage(
+            ["error: ", {"type": "text", "text": "boom"}],
+            tool_call_id="c2",
+            status="error",
+        ),
         AIMessage([{"type": "text", "text": "It is 4."}]),
     ]
     msg = chat.invoke(convo, max_tokens=3)  # the last message is not human
@@ -203,7 +227,9 @@ def test_any_conversation_renders(chat: ChatMLX) -> None:
 
 
 def test_pipeline_community_api(tiny_model_path: str) -> None:
-    llm = MLXPipeline.from_model_id(tiny_model_path, pipeline_kwargs={"max_tokens": 6, "temp": 0.0})
+    llm = MLXPipeline.from_model_id(
+        tiny_model_path, pipeline_kwargs={"max_tokens": 6, "temp": 0.0}
+    )
     text = llm.invoke("Once upon a time")
     assert isinstance(text, str)
     assert "".join(llm.stream("Once upon a time")) == text
@@ -212,7 +238,12 @@ def test_pipeline_community_api(tiny_model_path: str) -> None:
     chat = ChatMLX(llm=llm)
     assert chat.invoke("Hi").usage_metadata["output_tokens"] == 6
     # community per-call names
-    assert chat.invoke("Hi", pipeline_kwargs={"max_tokens": 2}).usage_metadata["output_tokens"] == 2
+    assert (
+        chat.invoke("Hi", pipeline_kwargs={"max_tokens": 2}).usage_metadata[
+            "output_tokens"
+        ]
+        == 2
+    )
 
 
 def test_model_override_per_call(chat: ChatMLX, other_tiny_model_path: str) -> None:
@@ -229,7 +260,9 @@ def test_model_override_per_call(chat: ChatMLX, other_tiny_model_path: str) -> N
         ({"timeout": 1e-9, "max_tokens": 5000}, GenerationTimeoutError, "timeout"),
     ],
 )
-def test_bad_call_arguments_raise_clear_errors(chat: ChatMLX, kwargs: dict, error: type, match: str) -> None:
+def test_bad_call_arguments_raise_clear_errors(
+    chat: ChatMLX, kwargs: dict, error: type, match: str
+) -> None:
     with pytest.raises(error, match=match):
         chat.invoke("Hi", **kwargs)
     assert chat.invoke("Hi", max_tokens=1).content is not None  # engine still serves
@@ -239,7 +272,7 @@ def test_bad_messages_raise_clear_errors(chat: ChatMLX) -> None:
     with pytest.raises(ValueError, match="empty"):
         chat.invoke([])
     image = HumanMessage([{"type": "image", "url": "https://example.com/x.png"}])
-    with pytest.raises(UnsupportedContentError, match="type 'image'.*text only"):
+    with pytest.raises(UnsupportedContentError, match=r"type 'image'.*text only"):
         chat.invoke([image])
 
 
@@ -266,7 +299,12 @@ def test_template_without_system_role_gets_it_merged(tiny_model_path: str) -> No
     original = tok.chat_template
     tok.chat_template = gemma_like
     try:
-        text = render_text(tok, [HumanMessage("Hi")], system_message=SystemMessage("Be kind."))
+        text = render_text(
+            tok, [HumanMessage("Hi")], system_message=SystemMessage("Be kind.")
+        )
     finally:
         tok.chat_template = original
-    assert text == "<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert (
+        text
+        == "<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
