@@ -79,6 +79,7 @@ class Final:
     generation_tps: float
     time_to_first_token: float
     peak_memory_gb: float
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
 
 Event = Delta | Final

@@ -30,15 +30,20 @@ class FinalLike(Protocol):
     def time_to_first_token(self) -> float: ...
     @property
     def peak_memory_gb(self) -> float: ...
+    @property
+    def cached_tokens(self) -> int: ...
 
 
 def usage_metadata(final: FinalLike) -> UsageMetadata:
-    """Input/output/total tokens of one generation."""
-    return UsageMetadata(
+    """Input/output/total tokens of one generation, and prompt tokens from cache."""
+    usage = UsageMetadata(
         input_tokens=final.prompt_tokens,
         output_tokens=final.generation_tokens,
         total_tokens=final.prompt_tokens + final.generation_tokens,
     )
+    if final.cached_tokens:
+        usage["input_token_details"] = {"cache_read": final.cached_tokens}
+    return usage
 
 
 def response_metadata(final: FinalLike, model_name: str) -> dict[str, Any]:
