@@ -67,7 +67,8 @@ class ChatMLX(BaseChatModel):
             `qwen2.5-coder-0.5b-instruct`), local MLX folder, or Hugging Face
             repo id. Default: SmolLM2-135M-Instruct.
         system_message: SystemMessage | None
-            Used when a conversation has no system message; `None` for none.
+            Added when a conversation has no system message. Default `None`: the
+            model's chat template applies its own default system prompt.
 
     Key init args — generation:
         temperature, max_tokens, top_p, top_k, min_p, repetition_penalty,
@@ -139,8 +140,14 @@ class ChatMLX(BaseChatModel):
     """Prepared model name, local folder or Hugging Face id (default: SmolLM2)."""
     tokenizer: Any = Field(default=None, exclude=True)
     """The tokenizer whose chat template renders messages (default: the llm's)."""
-    system_message: SystemMessage | None = SystemMessage(content=DEFAULT_SYSTEM_PROMPT)
-    """System turn added when a conversation has none; `None` to add nothing."""
+    system_message: SystemMessage | None = None
+    """System turn added when a conversation has none.
+
+    Default `None`: the model's own chat template decides (SmolLM2 and Qwen insert
+    their authors' default system prompt). This is what the community class sent
+    too: its `system_message` field (default `DEFAULT_SYSTEM_PROMPT`) never reached
+    the prompt. Pass `SystemMessage(DEFAULT_SYSTEM_PROMPT)` for that text; small
+    models can answer worse with it (SmolLM2-135M does)."""
     temperature: float | None = Field(default=None, ge=0)
     """Sampling temperature; 0 is greedy. Overrides `pipeline_kwargs["temp"]`."""
     max_tokens: int | None = Field(default=None, ge=1)

@@ -188,9 +188,7 @@ def test_cache_returns_the_stored_answer_without_generating(
     assert sum(chat.llm.engine.finished.values()) == done
 
 
-def test_system_message_default_none_and_explicit(
-    chat: ChatMLX, tiny_model_path: str
-) -> None:
+def test_system_message_default_none_and_explicit(tiny_model_path: str) -> None:
     from langchain_mlx._messages import render_text
     from langchain_mlx.chat_models import DEFAULT_SYSTEM_PROMPT
 
@@ -199,10 +197,15 @@ def test_system_message_default_none_and_explicit(
             model.tokenizer, messages, system_message=model.system_message
         )
 
-    assert DEFAULT_SYSTEM_PROMPT in rendered(chat, [HumanMessage("Hi")])
-    plain = ChatMLX(model=tiny_model_path, system_message=None)
-    assert DEFAULT_SYSTEM_PROMPT not in rendered(plain, [HumanMessage("Hi")])
-    own = rendered(chat, [SystemMessage("Be brief."), HumanMessage("Hi")])
+    default = ChatMLX(model=tiny_model_path)
+    assert default.system_message is None
+    # no system turn from us: SmolLM2's template inserts its own default
+    assert "named SmolLM" in rendered(default, [HumanMessage("Hi")])
+    ours = ChatMLX(
+        model=tiny_model_path, system_message=SystemMessage(DEFAULT_SYSTEM_PROMPT)
+    )
+    assert DEFAULT_SYSTEM_PROMPT in rendered(ours, [HumanMessage("Hi")])
+    own = rendered(ours, [SystemMessage("Be brief."), HumanMessage("Hi")])
     assert "Be brief." in own
     assert DEFAULT_SYSTEM_PROMPT not in own  # the conversation's system turn wins
 
