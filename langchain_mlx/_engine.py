@@ -2,17 +2,20 @@
 
 Flow::
 
-    Engine.submit(Request) -> RequestHandle          (caller thread)
-        worker thread: generate_step -> detokenizer -> StopMatcher
-            -> handle._put(Delta ...) ... handle._put(Final)
+    Engine.submit(Request) -> RequestHandle          (caller thread; bounded queue)
+        worker thread: Scheduler.step()              (_batching.py)
+            admit: PrefixCache.fetch -> BatchGenerator.insert   (_prefix_cache.py)
+            BatchGenerator.next(): one token for every live request
+            detokenizer -> StopMatcher -> handle._put(Delta ...) ... (Final)
+            finished: KV cache -> PrefixCache.store
     for event in handle / async for event in handle  (caller: sync or asyncio)
 
 Why a worker thread: mlx-lm generates on a thread-local stream, so every step
 of one generation must run on the same thread (LangChain's default async path
 hops threads between chunks and crashes with `[StreamContext] Destroyed in a
-different thread`). One thread per model also serialises requests, so a model
-is loaded once per process and its tokenizer's detokenizer is never shared
-between two live generations.
+different thread`). One thread per model also means a model is loaded once per
+process, and concurrent requests (threads, asyncio tasks, `batch`) meet in one
+place where they can share a batch and each other's prompt prefixes.
 """
 
 from __future__ import annotations
@@ -20,24 +23,28 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from langchain_mlx._settings import GenerationSettings
-from langchain_mlx._stop import StopMatcher
+
+if TYPE_CHECKING:
+    from langchain_mlx._batching import Scheduler
+    from langchain_mlx._prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
 LogitsProcessor = Callable[[Any, Any], Any]
 
 _POLL_SECONDS = 1.0  # how often a waiting reader checks that the worker lives
-_PREFILL_STEP = 512  # prompt tokens per prefill chunk; cancellation is checked between
 
 
 class GenerationTimeoutError(TimeoutError):
@@ -48,8 +55,37 @@ class EngineStoppedError(RuntimeError):
     """The engine's worker thread is gone; the request cannot complete."""
 
 
-class _CancelledError(Exception):
-    """Raised inside the worker to abandon a request during prefill."""
+class EngineOverloadedError(RuntimeError):
+    """More requests are waiting than the engine's `max_queue` allows."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine batches and caches (shared by every user of the model)."""
+
+    max_batch_size: int = 8
+    """Most requests decoded together; more wait in the queue."""
+    max_queue: int = 1024
+    """Most requests waiting beyond the batch; past it `submit` raises
+    `EngineOverloadedError` instead of holding unbounded memory."""
+    prefix_cache_entries: int = 10
+    """How many recent KV caches are kept for prefix reuse (0: off)."""
+    prefix_cache_bytes: int = 2 << 30
+    """Byte budget of those caches; least recently used go first (0: off)."""
+
+    def validate(self) -> None:
+        """Raise ValueError for a value the engine cannot work with."""
+        if self.max_batch_size < 1:
+            msg = f"max_batch_size must be >= 1, got {self.max_batch_size!r}"
+            raise ValueError(msg)
+        for name in ("max_queue", "prefix_cache_entries", "prefix_cache_bytes"):
+            if getattr(self, name) < 0:
+                value = getattr(self, name)
+                msg = f"{name} must be >= 0 (0 turns it off), got {value!r}"
+                raise ValueError(msg)
+
+
+ENGINE_OPTION_NAMES = tuple(EngineOptions.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -75,10 +111,10 @@ class Final:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     generation_tokens: int
-    prompt_tps: float
+    prompt_tps: float  # prompt tokens prefilled (not from cache) per second
     generation_tps: float
-    time_to_first_token: float
-    peak_memory_gb: float
+    time_to_first_token: float  # from submit, so time waiting in the queue counts
+    peak_memory_gb: float  # peak since the engine last went from idle to busy
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
 
@@ -165,19 +201,39 @@ class Engine:
     _registry: dict[tuple[Any, ...], Engine] = {}  # noqa: RUF012
     _registry_lock = threading.Lock()
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        options: EngineOptions | None = None,
+        batched: bool | None = None,
+    ) -> None:
         from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        from langchain_mlx._prefix_cache import PrefixCache
 
         if not isinstance(tokenizer, TokenizerWrapper):
             tokenizer = TokenizerWrapper(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self._eos_ids = frozenset(int(i) for i in tokenizer.eos_token_ids)
-        self._queue: queue.SimpleQueue[tuple[RequestHandle, Request] | None] = (
-            queue.SimpleQueue()
+        self._options = options or EngineOptions()
+        self._options.validate()
+        self._batched = batched  # None: batch when the model's caches allow it
+        self.prefix_cache: PrefixCache = PrefixCache(
+            self._options.prefix_cache_entries, self._options.prefix_cache_bytes
         )
+        """Recent KV caches reused across requests (read its counters freely;
+        it is changed on the worker thread only)."""
+        self._eos_ids = frozenset(int(i) for i in tokenizer.eos_token_ids)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight = 0  # submitted and not yet finished
+        self._closing = False
         self._parked = threading.Event()
+        self._scheduler: Scheduler | None = None
         self.finished: collections.Counter[str] = collections.Counter()
         """How many requests ended with each finish reason (and "error")."""
         self._thread = threading.Thread(
@@ -232,11 +288,14 @@ class Engine:
     @property
     def alive(self) -> bool:
         """Whether the worker thread is taking requests."""
+        return not self._closing and self._worker_running()
+
+    def _worker_running(self) -> bool:
         return self._thread.is_alive() and not self._parked.is_set()
 
     def check_alive(self) -> None:
         """Raise `EngineStoppedError` if the worker thread is gone."""
-        if not self.alive:
+        if not self._worker_running():
             msg = (
                 f"the MLX engine for {self.name!r} has stopped (see the log for "
                 "the error that ended it); create the model again to restart it"
@@ -244,143 +303,191 @@ class Engine:
             raise EngineStoppedError(msg)
 
     def close(self) -> None:
-        """Stop taking requests once the ones already queued are done."""
+        """Stop taking requests; the worker parks once the live ones are done."""
         if self.alive:
+            self._closing = True
             self._queue.put(None)
             self._parked.wait(timeout=30)
+
+    # -- configuration ----------------------------------------------------------
+
+    @property
+    def options(self) -> EngineOptions:
+        """The current batching and caching options."""
+        return self._options
+
+    def configure(self, **options: int | None) -> None:
+        """Change some `EngineOptions` (None leaves one as it is).
+
+        The engine is shared by every pipeline of the same model, so the last
+        setting wins. Takes effect before the worker's next step.
+        """
+        unknown = set(options) - set(ENGINE_OPTION_NAMES)
+        if unknown:
+            msg = (
+                f"unknown engine option(s) {sorted(unknown)}; "
+                f"accepted: {', '.join(ENGINE_OPTION_NAMES)}"
+            )
+            raise ValueError(msg)
+        changes = {k: v for k, v in options.items() if v is not None}
+        with self._lock:
+            updated = replace(self._options, **changes)
+            updated.validate()
+            self._options = updated
+
+    # -- requests ---------------------------------------------------------------
 
     def submit(
         self, request: Request, *, loop: asyncio.AbstractEventLoop | None = None
     ) -> RequestHandle:
-        """Queue a request; read its events from the returned handle."""
-        self.check_alive()
+        """Queue a request; read its events from the returned handle.
+
+        Raises:
+            EngineOverloadedError: `max_batch_size + max_queue` requests are
+                already in flight.
+            EngineStoppedError: the engine was closed or its worker died.
+
+        """
+        if not self.alive:
+            self.check_alive()
+            msg = f"the MLX engine for {self.name!r} is closed; create the model again"
+            raise EngineStoppedError(msg)
         if not request.prompt_ids:
             msg = "the prompt is empty: at least one token is needed to generate"
             raise ValueError(msg)
+        with self._lock:
+            opts = self._options
+            if self._in_flight >= opts.max_batch_size + opts.max_queue:
+                msg = (
+                    f"the MLX engine for {self.name!r} is overloaded: "
+                    f"{self._in_flight} requests are in flight (max_batch_size="
+                    f"{opts.max_batch_size} decoding + max_queue={opts.max_queue} "
+                    "waiting). Limit concurrency (e.g. batch(..., config="
+                    "{'max_concurrency': n})), retry later, or raise max_queue."
+                )
+                raise EngineOverloadedError(msg)
+            self._in_flight += 1
         handle = RequestHandle(self, loop)
-        self._queue.put((handle, request))
+        self._queue.put((handle, request, time.perf_counter()))
         return handle
+
+    def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
+        """Write the KV state of `prompt_ids` to `path` (`.safetensors`).
+
+        Runs on the worker between decode steps (live streams pause while the
+        prefix is prefilled). Returns the number of tokens saved.
+        """
+        ids = list(prompt_ids)
+
+        def save() -> int:
+            return self.prefix_cache.save(path, self.model, ids, name=self.name)
+
+        return int(self._call(save))
+
+    def load_prefix(self, path: str | Path) -> int:
+        """Load a prefix written by `save_prefix` into the prefix cache.
+
+        Later prompts that start with it skip prefilling it. Returns its length
+        in tokens.
+        """
+        return len(self._call(lambda: self.prefix_cache.load(path, self.model)))
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (waits for the worker to do it)."""
+        self._call(self.prefix_cache.clear)
+
+    @property
+    def largest_batch(self) -> int:
+        """The most requests this engine has decoded together so far."""
+        return self._scheduler.largest_batch if self._scheduler is not None else 0
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread and return its result."""
+        self.check_alive()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(_Task(fn, future))
+        while True:
+            try:
+                return future.result(timeout=_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                self.check_alive()
+
+    def _request_done(self, reason: str) -> None:
+        """Called by the worker when a request has sent its last event."""
+        with self._lock:
+            self.finished[reason] += 1
+            self._in_flight -= 1
 
     # -- the worker -----------------------------------------------------------
 
     def _run(self) -> None:
+        from langchain_mlx._batching import Scheduler
+
+        scheduler = Scheduler(
+            self.model,
+            self.tokenizer,
+            eos_ids=sorted(self._eos_ids),
+            prefix_cache=self.prefix_cache,
+            on_done=self._request_done,
+            max_batch_size=self._options.max_batch_size,
+            batched=self._batched,
+        )
+        self._scheduler = scheduler
+        applied = self._options
+        closing = False
         while True:
-            item = self._queue.get()
-            if item is None:
-                # Park instead of returning: when this thread exits, MLX's
-                # thread-local compile cache is destroyed and takes the GIL; at
-                # interpreter exit that aborts the process ("terminate called
-                # without an active exception"). A parked daemon thread never exits.
-                self._parked.set()
-                threading.Event().wait()
-                continue
-            handle, request = item
-            if handle.cancelled:
-                self.finished["cancelled"] += 1
-                continue
             try:
-                reason = self._generate(handle, request)
-            except _CancelledError:
-                reason = "cancelled"
-                handle._put(_cancelled_final(len(request.prompt_ids)))
-            except Exception as e:  # delivered to the caller, worker lives on
-                reason = "error"
-                logger.debug("generation failed", exc_info=True)
-                handle._put(e)
-            self.finished[reason] += 1
+                block = not scheduler.busy
+                closing = self._take_items(scheduler, block=block) or closing
+                if self._options is not applied:
+                    applied = self._options
+                    scheduler.max_batch_size = applied.max_batch_size
+                    self.prefix_cache.set_limits(
+                        applied.prefix_cache_entries, applied.prefix_cache_bytes
+                    )
+                if closing and not scheduler.busy:
+                    # Park instead of returning: when this thread exits, MLX's
+                    # thread-local compile cache is destroyed and takes the GIL; at
+                    # interpreter exit that aborts the process ("terminate called
+                    # without an active exception"). A parked daemon thread never exits.
+                    self._parked.set()
+                    threading.Event().wait()
+                scheduler.step()
+            except Exception as e:  # delivered to the callers, worker lives on
+                logger.exception("the MLX engine for %r failed a step", self.name)
+                scheduler.fail_all(e)
 
-    def _generate(self, handle: RequestHandle, request: Request) -> str:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step, generation_stream, wired_limit
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-        s = request.settings
-        if s.seed is not None:
-            mx.random.seed(s.seed)
-        sampler = make_sampler(
-            s.temperature,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            min_tokens_to_keep=s.min_tokens_to_keep,
-            top_k=s.top_k,
-        )
-        processors = make_logits_processors(
-            None, s.repetition_penalty, s.repetition_context_size
-        ) + list(request.logits_processors)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
-        stops = StopMatcher(s.stop)
-        start = time.perf_counter()
-        deadline = start + s.timeout if s.timeout is not None else None
-
-        def on_prefill(_done: int, _total: int) -> None:
-            if handle.cancelled:
-                raise _CancelledError
-            _check_deadline(deadline, s.timeout)
-
-        mx.reset_peak_memory()
-        n_prompt = len(request.prompt_ids)
-        n = 0
-        first = start
-        finish = "length"
-        with wired_limit(self.model, [generation_stream]):
-            steps = generate_step(
-                mx.array(list(request.prompt_ids)),
-                self.model,
-                max_tokens=s.max_tokens,
-                sampler=sampler,
-                logits_processors=processors or None,
-                prefill_step_size=_PREFILL_STEP,
-                prompt_progress_callback=on_prefill,
-            )
-            try:
-                for token, _logprobs in steps:
-                    n += 1
-                    if n == 1:
-                        first = time.perf_counter()
-                    if handle.cancelled:
-                        finish = "cancelled"
-                        break
-                    if token in self._eos_ids:
-                        finish = "stop"
-                        break
-                    detokenizer.add_token(token)
-                    text = stops.push(detokenizer.last_segment)
-                    if text:
-                        handle._put(Delta(text))
-                    if stops.stopped:
-                        finish = "stop"
-                        break
-                    _check_deadline(deadline, s.timeout)
-            finally:
-                steps.close()
-        detokenizer.finalize()
-        tail = stops.push(detokenizer.last_segment) + stops.flush()
-        if tail and finish != "cancelled":
-            handle._put(Delta(tail))
-        end = time.perf_counter()
-        handle._put(
-            Final(
-                finish_reason=finish,
-                prompt_tokens=n_prompt,
-                generation_tokens=n,
-                prompt_tps=n_prompt / max(first - start, 1e-9),
-                generation_tps=(n - 1) / (end - first) if n > 1 else 0.0,
-                time_to_first_token=first - start,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-            )
-        )
-        return finish
+    def _take_items(self, scheduler: Scheduler, *, block: bool) -> bool:
+        """Move everything queued to the scheduler; True once close() was called."""
+        closing = False
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if item is None:
+                    closing = True
+                elif isinstance(item, _Task):
+                    item.run()
+                else:
+                    scheduler.add(*item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return closing
 
 
-def _check_deadline(deadline: float | None, timeout: float | None) -> None:
-    if deadline is not None and time.perf_counter() > deadline:
-        msg = (
-            f"generation exceeded timeout={timeout}s; raise `timeout`, lower "
-            "`max_tokens`, or pass a shorter prompt"
-        )
-        raise GenerationTimeoutError(msg)
+@dataclass(frozen=True)
+class _Task:
+    """A function to run on the worker thread (e.g. saving a prefix)."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except Exception as e:
+            self.future.set_exception(e)
 
 
-def _cancelled_final(n_prompt: int) -> Final:
-    return Final("cancelled", n_prompt, 0, 0.0, 0.0, 0.0, 0.0)
+_Item = tuple[RequestHandle, Request, float] | _Task | None

@@ -1,14 +1,30 @@
 """Engine results -> LangChain output fields. Pure: no mlx.
 
 Token usage and response metadata are built here from the engine's `Final`
-record, so the chat model and the LLM report them the same way.
+record, so the chat model and the LLM report them the same way; generated text
+is split into content, tool calls and invalid tool calls (`parse_tool_calls`).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    InvalidToolCall,
+    ToolCall,
+)
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+
+from langchain_mlx._stop import StopMatcher
 
 PROVIDER = "mlx"
 
@@ -57,3 +73,204 @@ def response_metadata(final: FinalLike, model_name: str) -> dict[str, Any]:
         "time_to_first_token_seconds": round(final.time_to_first_token, 4),
         "peak_memory_gb": round(final.peak_memory_gb, 4),
     }
+
+
+# -- tool calls in generated text ----------------------------------------------
+
+_CALL_START = re.compile(r'\{\s*"name"\s*:')
+
+
+@dataclass
+class ParsedOutput:
+    """Generated text split into content and tool calls (valid or not)."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _as_call(obj: Any, tool_names: set[str]) -> tuple[ToolCall | None, str | None]:
+    """(call, None) for a well-formed call to a bound tool, else (None, error)."""
+    if not isinstance(obj, dict) or "name" not in obj:
+        return None, "a tool call must be a JSON object with 'name' and 'arguments'"
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            return None, f"'arguments' is a string that is not JSON: {e}"
+    if not isinstance(args, dict):
+        return None, f"'arguments' must be a JSON object, got {type(args).__name__}"
+    name = obj["name"]
+    if not isinstance(name, str) or name not in tool_names:
+        bound = ", ".join(sorted(tool_names))
+        return None, f"unknown tool {name!r}; bound tools: {bound}"
+    return ToolCall(name=name, args=args, id=str(obj.get("id") or _new_id())), None
+
+
+def _invalid(raw: str, error: str, name: str | None = None) -> InvalidToolCall:
+    return InvalidToolCall(
+        type="invalid_tool_call", name=name, args=raw, id=_new_id(), error=error
+    )
+
+
+def _add(out: ParsedOutput, obj: Any, raw: str, tool_names: set[str]) -> None:
+    for item in obj if isinstance(obj, list) else [obj]:
+        call, error = _as_call(item, tool_names)
+        if call is not None:
+            out.tool_calls.append(call)
+        else:
+            name = item.get("name") if isinstance(item, dict) else None
+            out.invalid_tool_calls.append(
+                _invalid(raw, str(error), name if isinstance(name, str) else None)
+            )
+
+
+def parse_tool_calls(
+    text: str,
+    *,
+    tool_names: set[str],
+    start: str | None = None,
+    end: str | None = None,
+    parser: Callable[[str, Any], Any] | None = None,
+    tools: Any = None,
+) -> ParsedOutput:
+    """Split generated text into content, tool calls and invalid tool calls.
+
+    Tagged calls (`start` ... `end`, e.g. `<tool_call>...</tool_call>`) are read
+    with the model family's mlx-lm `parser` (JSON if none); bare JSON objects
+    `{"name": ..., "arguments": ...}` naming a bound tool are calls too (small
+    models often drop the tags). Text that starts like a call but does not
+    parse becomes an invalid tool call carrying the raw text and the error:
+    nothing raises and no text is lost.
+    """
+    out = ParsedOutput(content="")
+    rest: list[str] = []
+    if start:
+        pos = 0
+        while (i := text.find(start, pos)) >= 0:
+            rest.append(text[pos:i])
+            j = text.find(end, i + len(start)) if end else -1
+            inner_end = j if j >= 0 else len(text)
+            inner = text[i + len(start) : inner_end]
+            pos = inner_end + len(end) if j >= 0 and end else len(text)
+            try:
+                obj = parser(inner, tools) if parser else json.loads(inner)
+            except Exception as e:  # any parser failure is the model's, not ours
+                out.invalid_tool_calls.append(_invalid(inner.strip(), f"{e}"))
+                continue
+            _add(out, obj, inner.strip(), tool_names)
+        rest.append(text[pos:])
+    else:
+        rest.append(text)
+    content_parts = [_bare_json_calls(part, out, tool_names) for part in rest]
+    out.content = "".join(content_parts).strip()
+    return out
+
+
+def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
+    """Take bare JSON calls out of `text`; return what is left as content."""
+    decoder = json.JSONDecoder()
+    kept: list[str] = []
+    pos = 0
+    while (m := _CALL_START.search(text, pos)) is not None:
+        i = m.start()
+        # a JSON array of calls: include its opening bracket
+        k = i
+        while k > pos and text[k - 1] in " \t\r\n":
+            k -= 1
+        if k > pos and text[k - 1] == "[":
+            i = k - 1
+        try:
+            obj, j = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            kept.append(text[pos:i])
+            out.invalid_tool_calls.append(
+                _invalid(text[i:].strip(), f"malformed tool call JSON: {e}")
+            )
+            return "".join(kept)
+        items = obj if isinstance(obj, list) else [obj]
+        names = [o.get("name") for o in items if isinstance(o, dict)]
+        if not any(n in tool_names for n in names):
+            kept.append(text[pos:j])  # JSON that is not a call to our tools
+        else:
+            kept.append(text[pos:i])
+            _add(out, obj, text[i:j], tool_names)
+        pos = j
+    kept.append(text[pos:])
+    return "".join(kept)
+
+
+# -- engine events -> message chunks ---------------------------------------------
+
+
+class ChunkAssembler:
+    """Turns one request's engine events into `AIMessageChunk`s.
+
+    Without tools every delta is content. With tools bound, text is streamed
+    as content until something that may start a tool call appears (the
+    model's start marker, or `{`); from there it is held back and parsed at the
+    end, so the text of a call never streams as content. The last chunk holds
+    the rest of the content, the tool call chunks, usage and metadata.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        tool_names: frozenset[str] = frozenset(),
+        start: str | None = None,
+        end: str | None = None,
+        parser: Callable[[str, Any], Any] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self._tool_names = set(tool_names)
+        self._start, self._end, self._parser = start, end, parser
+        triggers = [t for t in (start, "{") if t]
+        self._holdback = StopMatcher(triggers) if tool_names else None
+        self.parsed: ParsedOutput | None = None
+        """The tool-call parse of the held-back text (set by the last chunk)."""
+
+    def chunk(self, event: Any) -> AIMessageChunk | None:
+        """The chunk for an engine event (`Delta` or `Final`), if any."""
+        if not hasattr(event, "finish_reason"):  # a Delta
+            text = self._holdback.push(event.text) if self._holdback else event.text
+            return AIMessageChunk(content=text) if text else None
+        content, tool_call_chunks = "", []
+        if self._holdback is not None:
+            content = self._holdback.flush()
+            held = self._holdback.remainder
+            self.parsed = parse_tool_calls(
+                held,
+                tool_names=self._tool_names,
+                start=self._start,
+                end=self._end,
+                parser=self._parser,
+            )
+            content += self.parsed.content
+            tool_call_chunks = [
+                tool_call_chunk(
+                    name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
+                )
+                for i, c in enumerate(self.parsed.tool_calls)
+            ]
+        metadata = response_metadata(event, self.model_name)
+        if self.parsed and self.parsed.tool_calls:
+            metadata["finish_reason"] = "tool_calls"
+        return AIMessageChunk(
+            content=content,
+            tool_call_chunks=tool_call_chunks,
+            usage_metadata=usage_metadata(event),
+            response_metadata=metadata,
+            chunk_position="last",
+        )
+
+    def finish(self, message: BaseMessage) -> None:
+        """Give the combined message the exact parse (no partial-JSON repair)."""
+        if self.parsed is not None and isinstance(message, AIMessage):
+            message.tool_calls = list(self.parsed.tool_calls)
+            message.invalid_tool_calls = list(self.parsed.invalid_tool_calls)

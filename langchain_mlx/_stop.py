@@ -19,11 +19,15 @@ class StopMatcher:
         self._stops = tuple(s for s in stops if s)
         self._pending = ""
         self.stopped = False
-        """True once a stop string has been seen; later input is ignored."""
+        """True once a stop string has been seen; later input is not emitted."""
+        self.remainder = ""
+        """The text from the first stop string on (kept for callers that use
+        the "stop" strings as triggers, e.g. the start of a tool call)."""
 
     def push(self, text: str) -> str:
         """Feed a decoded segment; return the text that is safe to emit now."""
         if self.stopped:
+            self.remainder += text
             return ""
         if not self._stops:
             return text
@@ -35,6 +39,7 @@ class StopMatcher:
         if cut >= 0:
             self.stopped = True
             self._pending = ""
+            self.remainder = buffer[cut:]
             return buffer[:cut]
         hold = self._held_back(buffer)
         self._pending = buffer[len(buffer) - hold :]

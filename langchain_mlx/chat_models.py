@@ -17,31 +17,46 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models import LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
     agenerate_from_stream,
     generate_from_stream,
 )
-from langchain_core.messages import AIMessageChunk, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import (
+    convert_to_json_schema,
+    convert_to_openai_tool,
+)
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from langchain_mlx._engine import Delta, Engine, Final, Request
+from langchain_mlx._constraints import ConstraintCompiler
+from langchain_mlx._engine import Engine, Request
 from langchain_mlx._messages import render_prompt
 from langchain_mlx._models import DEFAULT_MODEL
-from langchain_mlx._output import response_metadata, usage_metadata
+from langchain_mlx._output import ChunkAssembler
 from langchain_mlx._settings import canonical_settings
-from langchain_mlx.llms import MLXPipeline
+from langchain_mlx._tools import plan_call
+from langchain_mlx.llms import EngineFields, MLXPipeline
 
 DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful, and honest assistant."""
 
@@ -49,7 +64,7 @@ DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful, and honest assistant."
 _LANGCHAIN_INTERNAL_KWARGS = ("ls_structured_output_format",)
 
 
-class ChatMLX(BaseChatModel):
+class ChatMLX(BaseChatModel, EngineFields):
     """Chat with a local model on Apple MLX (mlx-lm), in process.
 
     Setup:
@@ -187,6 +202,7 @@ class ChatMLX(BaseChatModel):
         if self.tokenizer is None:
             self.tokenizer = self.llm.tokenizer
         self._field_settings()  # fail at construction, not at the first call
+        self._configure_engine(self._pipeline.engine)
         return self
 
     @property
@@ -243,11 +259,18 @@ class ChatMLX(BaseChatModel):
         messages: list[BaseMessage],
         stop: list[str] | None,
         kwargs: dict[str, Any],
-    ) -> tuple[Engine, Request, str]:
+    ) -> tuple[Engine, Request, ChunkAssembler]:
         kwargs = dict(kwargs)
         for name in _LANGCHAIN_INTERNAL_KWARGS:
             kwargs.pop(name, None)
         engine, tokenizer, model_name = self._engine_for(kwargs.pop("model", None))
+        plan = plan_call(
+            tokenizer,
+            kwargs.pop("tools", None),
+            kwargs.pop("tool_choice", None),
+            kwargs.pop("parallel_tool_calls", None),
+            kwargs.pop("response_format", None),
+        )
         per_call: dict[str, Any] = {}
         for legacy in ("pipeline_kwargs", "model_kwargs"):  # community names
             per_call.update(kwargs.pop(legacy, None) or {})
@@ -257,22 +280,64 @@ class ChatMLX(BaseChatModel):
         ).with_overrides(canonical_settings(per_call, where="ChatMLX call"))
         if stop is not None:
             settings = settings.with_overrides({"stop": stop})
-        ids = render_prompt(tokenizer, messages, system_message=self.system_message)
-        return engine, Request(prompt_ids=ids, settings=settings), model_name
-
-    @staticmethod
-    def _chunk(event: Delta | Final, model_name: str) -> ChatGenerationChunk:
-        if isinstance(event, Delta):
-            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content="",
-                usage_metadata=usage_metadata(event),
-                response_metadata=response_metadata(event, model_name),
-                chunk_position="last",
-            ),
-            generation_info={"finish_reason": event.finish_reason},
+        ids = render_prompt(
+            tokenizer,
+            _with_system_text(messages, plan.system_instructions),
+            system_message=self.system_message,
+            tools=plan.template_tools,
         )
+        processors = []
+        if plan.grammar is not None:
+            compiler = ConstraintCompiler.for_tokenizer(_hf_tokenizer(tokenizer))
+            compiler.check(plan.grammar, plan.grammar_what)
+            processors.append(compiler.processor(plan.grammar))
+        assembler = ChunkAssembler(
+            model_name,
+            tool_names=plan.tool_names if plan.parse_tools else frozenset(),
+            start=plan.call_format.start,
+            end=plan.call_format.end,
+            parser=plan.parser,
+        )
+        request = Request(
+            prompt_ids=ids, settings=settings, logits_processors=processors
+        )
+        return engine, request, assembler
+
+    def _run(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        turn: list[ChunkAssembler],
+    ) -> Iterator[ChatGenerationChunk]:
+        engine, request, assembler = self._prepare(messages, stop, kwargs)
+        turn.append(assembler)
+        for event in engine.submit(request):
+            if (message := assembler.chunk(event)) is None:
+                continue
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager and message.content:
+                run_manager.on_llm_new_token(str(message.content), chunk=chunk)
+            yield chunk
+
+    async def _arun(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        turn: list[ChunkAssembler],
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        engine, request, assembler = self._prepare(messages, stop, kwargs)
+        turn.append(assembler)
+        async for event in engine.submit(request, loop=asyncio.get_running_loop()):
+            if (message := assembler.chunk(event)) is None:
+                continue
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager and message.content:
+                await run_manager.on_llm_new_token(str(message.content), chunk=chunk)
+            yield chunk
 
     def _stream(
         self,
@@ -281,26 +346,16 @@ class ChatMLX(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine, request, model_name = self._prepare(messages, stop, kwargs)
-        for event in engine.submit(request):
-            chunk = self._chunk(event, model_name)
-            if run_manager and isinstance(event, Delta):
-                run_manager.on_llm_new_token(event.text, chunk=chunk)
-            yield chunk
+        return self._run(messages, stop, run_manager, kwargs, [])
 
-    async def _astream(
+    def _astream(
         self,
         messages: list[BaseMessage],
         stop: list[str] | None = None,
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        engine, request, model_name = self._prepare(messages, stop, kwargs)
-        async for event in engine.submit(request, loop=asyncio.get_running_loop()):
-            chunk = self._chunk(event, model_name)
-            if run_manager and isinstance(event, Delta):
-                await run_manager.on_llm_new_token(event.text, chunk=chunk)
-            yield chunk
+        return self._arun(messages, stop, run_manager, kwargs, [])
 
     def _generate(
         self,
@@ -309,7 +364,12 @@ class ChatMLX(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        turn: list[ChunkAssembler] = []
+        result = generate_from_stream(
+            self._run(messages, stop, run_manager, kwargs, turn)
+        )
+        turn[0].finish(result.generations[0].message)
+        return result
 
     async def _agenerate(
         self,
@@ -318,9 +378,155 @@ class ChatMLX(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return await agenerate_from_stream(
-            self._astream(messages, stop, run_manager, **kwargs)
+        turn: list[ChunkAssembler] = []
+        result = await agenerate_from_stream(
+            self._arun(messages, stop, run_manager, kwargs, turn)
         )
+        turn[0].finish(result.generations[0].message)
+        return result
+
+    # -- tools and structured output -----------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (anything `convert_to_openai_tool` accepts).
+
+        `tool_choice`: `"auto"` (default: the model decides), `"none"`,
+        `"any"`/`"required"`/`True` (some call), a tool name or
+        `{"type": "function", "function": {"name": ...}}`. Whenever a call is
+        required, decoding is constrained to the model's tool-call format and
+        the tool's argument schema, so the call is valid by construction
+        (`strict` is accepted: such calls are always strict).
+        `parallel_tool_calls=True` lets a forced turn hold several calls.
+        """
+        del strict  # forced calls are always grammar-constrained
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        # Fail now, not at the first call: bad tool_choice, uncompilable schemas.
+        plan = plan_call(
+            self.tokenizer, formatted, tool_choice, parallel_tool_calls, None
+        )
+        self._check_grammar(plan.grammar, plan.grammar_what)
+        return self.bind(
+            tools=formatted,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            **kwargs,
+        )
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Parse output into `schema` (pydantic v1/v2, TypedDict, JSON schema, tool).
+
+        `method="json_schema"` (default) constrains generation to the schema;
+        `"function_calling"` forces a constrained call to a tool with that
+        schema; `"json_mode"` constrains to some JSON object (describe the
+        fields in the prompt). With `include_raw=True` the result is
+        `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`.
+        """
+        if kwargs:
+            msg = f"unsupported arguments for with_structured_output: {sorted(kwargs)}"
+            raise ValueError(msg)
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if schema is None and method != "json_mode":
+            msg = (
+                f"method={method!r} needs a schema; pass one, or use method='json_mode'"
+            )
+            raise ValueError(msg)
+        if method == "function_calling":
+            assert schema is not None
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False)
+            llm = llm.bind(ls_structured_output_format=ls_format)
+            parser: Runnable[Any, Any] = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)  # type: ignore[arg-type]
+                response_format: dict[str, Any] = {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": json_schema.get("title", "output"),
+                        "schema": json_schema,
+                    },
+                }
+            else:
+                response_format = {"type": "json_object"}
+            plan = plan_call(self.tokenizer, None, None, None, response_format)
+            self._check_grammar(plan.grammar, plan.grammar_what)
+            llm = self.bind(
+                response_format=response_format, ls_structured_output_format=ls_format
+            )
+            parser = (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
+        else:
+            msg = (
+                f"unknown method {method!r}; use 'json_schema', "
+                "'function_calling' or 'json_mode'"
+            )
+            raise ValueError(msg)
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks(
+            [fallback], exception_key="parsing_error"
+        )
+
+    def _check_grammar(self, grammar: str | None, what: str) -> None:
+        if grammar is not None:
+            compiler = ConstraintCompiler.for_tokenizer(_hf_tokenizer(self.tokenizer))
+            compiler.check(grammar, what)
+
+    # -- prefix KV cache on disk ------------------------------------------------
+
+    def save_prompt_cache(
+        self, path: str | Path, messages: Sequence[BaseMessage] = (), **kwargs: Any
+    ) -> int:
+        """Save the KV state of a conversation's fixed start to a file.
+
+        `messages` (e.g. the system prompt, few-shot turns) and call options
+        such as `tools=` are rendered as a call would render them; the part every
+        continuation shares is saved. Later conversations that start the same way
+        skip re-reading it: at once in this process, in another after
+        `load_prompt_cache(path)`. Returns its length in tokens.
+        """
+        a, b = (
+            self._prepare([*messages, HumanMessage(probe)], None, kwargs)[1]
+            for probe in ("a", "b")
+        )
+        n = 0  # the tokens both renderings share
+        while n < min(len(a.prompt_ids), len(b.prompt_ids)) and (
+            a.prompt_ids[n] == b.prompt_ids[n]
+        ):
+            n += 1
+        return self._pipeline.engine.save_prefix(path, a.prompt_ids[:n])
+
+    def load_prompt_cache(self, path: str | Path) -> int:
+        """Load a prefix saved by `save_prompt_cache` with the same model."""
+        return self._pipeline.load_prompt_cache(path)
 
     # -- token counting --------------------------------------------------------
 
@@ -346,3 +552,21 @@ class ChatMLX(BaseChatModel):
                 tools=formatted,
             )
         )
+
+
+def _hf_tokenizer(tokenizer: Any) -> Any:
+    """The Hugging Face tokenizer inside mlx-lm's `TokenizerWrapper`."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def _with_system_text(
+    messages: list[BaseMessage], text: str | None
+) -> list[BaseMessage]:
+    """Append instructions to the conversation's system turn (or add one)."""
+    if not text:
+        return messages
+    if messages and isinstance(messages[0], SystemMessage):
+        first = messages[0]
+        merged = f"{first.text}\n\n{text}" if first.text else text
+        return [SystemMessage(merged), *messages[1:]]
+    return [SystemMessage(text), *messages]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -17,16 +18,40 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
-from langchain_mlx._engine import Delta, Engine, Final, Request
+from langchain_mlx._engine import ENGINE_OPTION_NAMES, Delta, Engine, Final, Request
 from langchain_mlx._models import DEFAULT_MODEL, resolve_model
 from langchain_mlx._output import response_metadata, usage_metadata
 from langchain_mlx._settings import GenerationSettings, canonical_settings
 
 
-class MLXPipeline(LLM):
+class EngineFields(BaseModel):
+    """Batching and prefix-cache options of the model's engine.
+
+    One engine runs each model for the whole process, shared by every
+    `MLXPipeline` and `ChatMLX` on that model: these fields set its options (the
+    last one set wins); `None` keeps the engine's current value.
+    """
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Most requests decoded together (default 8); more wait their turn."""
+    max_queue: int | None = Field(default=None, ge=0)
+    """Most requests waiting beyond the batch (default 1024); past it a call
+    raises `EngineOverloadedError` instead of queueing without bound."""
+    prefix_cache_entries: int | None = Field(default=None, ge=0)
+    """How many recent prompt KV caches are kept so a prompt that starts like
+    an earlier one (an agent's growing history) skips re-reading that start
+    (default 10; 0: off). Reused tokens show as `cache_read` in token usage."""
+    prefix_cache_bytes: int | None = Field(default=None, ge=0)
+    """Byte budget of those caches (default 2 GiB); least recently used go first."""
+
+    def _configure_engine(self, engine: Engine) -> None:
+        engine.configure(**{name: getattr(self, name) for name in ENGINE_OPTION_NAMES})
+
+
+class MLXPipeline(LLM, EngineFields):
     """A local language model run by MLX through mlx-lm.
 
     Setup:
@@ -99,6 +124,7 @@ class MLXPipeline(LLM):
                 self.model, self.tokenizer, name=self.model_id
             )
             self.tokenizer = self._engine.tokenizer
+        self._configure_engine(self._engine)
         return self
 
     @classmethod
@@ -157,11 +183,34 @@ class MLXPipeline(LLM):
         )
         if stop is not None:  # a call's stop list replaces the default one
             settings = settings.with_overrides({"stop": stop})
+        return Request(prompt_ids=self._encode(prompt), settings=settings)
+
+    def _encode(self, prompt: str) -> list[int]:
         bos = getattr(self.tokenizer, "bos_token", None)
         ids = self.tokenizer.encode(
             prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
         )
-        return Request(prompt_ids=list(ids), settings=settings)
+        return list(ids)
+
+    # -- prefix KV cache on disk ------------------------------------------------
+
+    def save_prompt_cache(self, path: str | Path, prompt: str) -> int:
+        """Save the KV state of `prompt` (a long fixed preamble) to a file.
+
+        Later prompts that start with it skip re-reading it: in this process
+        at once, in another after `load_prompt_cache(path)`. The file
+        (`.safetensors`) records the model it belongs to. Returns its length
+        in tokens.
+        """
+        return self._engine.save_prefix(path, self._encode(prompt))
+
+    def load_prompt_cache(self, path: str | Path) -> int:
+        """Load a prefix saved by `save_prompt_cache` (with the same model).
+
+        Returns its length in tokens. Raises `FileNotFoundError`, or
+        `ValueError` for a file saved from another model.
+        """
+        return self._engine.load_prefix(path)
 
     def _chunk(self, event: Delta | Final) -> GenerationChunk:
         if isinstance(event, Delta):

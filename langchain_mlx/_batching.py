@@ -1,0 +1,405 @@
+"""Continuous batching: every live request of a model in one decode loop.
+
+`Scheduler` runs on the engine's worker thread. Each `step()`:
+
+1. admits waiting requests while fewer than `max_batch_size` are live: looks up
+   the longest cached prefix (`PrefixCache.fetch`) and inserts the rest of the
+   prompt into mlx-lm's `BatchGenerator` with the request's own sampler, logits
+   processors, max_tokens and EOS ids;
+2. drops cancelled and timed-out requests at once (`BatchGenerator.remove`);
+3. runs `BatchGenerator.next()`: one decode step for every generating request
+   and one prefill chunk for the newcomers, so a long prompt never holds the
+   running streams for more than one chunk (smaller while others decode);
+4. detokenizes each new token, matches stop strings (`StopMatcher`), and
+   finishes requests, keeping their KV caches in the prefix cache.
+
+A lone request takes the same path: `BatchGenerator` at batch size 1 decodes as
+fast as `generate_step` (measured: benchmarks/results/stream.md), so there is
+no separate fast path to switch from. Models whose caches cannot be merged into
+a batch get `SerialGenerator`, the same interface one sequence at a time.
+
+Seeds: a request with a `seed` samples from its own random key
+(`mx.random.key(seed)`, split once per token exactly as MLX's global generator
+is), so its output does not depend on what else is in the batch, and a solo
+run matches `mlx_lm.generate` after `mx.random.seed(seed)`. Requests without a
+seed share MLX's global generator.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_mlx._engine import (
+    Delta,
+    Final,
+    GenerationTimeoutError,
+    LogitsProcessor,
+    Request,
+    RequestHandle,
+)
+from langchain_mlx._prefix_cache import PrefixCache
+from langchain_mlx._settings import GenerationSettings
+from langchain_mlx._stop import StopMatcher
+
+logger = logging.getLogger(__name__)
+
+Sampler = Callable[[Any], Any]
+
+PREFILL_STEP = 512  # prompt tokens per chunk when no stream is waiting on it
+PREFILL_STEP_WHILE_DECODING = 128  # per chunk while other requests decode
+
+
+@dataclass(eq=False)
+class _Live:
+    """One request from submit to its `Final`."""
+
+    handle: RequestHandle
+    request: Request
+    submitted: float
+    uid: int = -1
+    admitted: float = 0.0
+    first: float | None = None
+    cached: int = 0
+    generated: int = 0
+    decoding: bool = False
+    error: BaseException | None = None
+    detokenizer: Any = None
+    stops: StopMatcher | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        timeout = self.request.settings.timeout
+        return None if timeout is None else self.submitted + timeout
+
+
+class Scheduler:
+    """Admission, the decode loop and delivery of events for one model."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        eos_ids: Sequence[int],
+        prefix_cache: PrefixCache,
+        on_done: Callable[[str], None],
+        max_batch_size: int,
+        batched: bool | None = None,
+    ) -> None:
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self._model = model
+        self._tokenizer = tokenizer
+        self._eos_ids = frozenset(eos_ids)
+        self._eos_stops = StopSequences([(t,) for t in sorted(self._eos_ids)])
+        self._prefix = prefix_cache
+        self._on_done = on_done
+        self._max_batch_size = max_batch_size
+        if batched is None:
+            batched = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        self.batched = batched
+        """Whether requests share one batch (False: one at a time, in order)."""
+        self._generator: Any = None
+        self._waiting: collections.deque[_Live] = collections.deque()
+        self._live: dict[int, _Live] = {}
+        self.largest_batch = 0
+        """The most requests live at once so far."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or live."""
+        return bool(self._waiting or self._live)
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most requests decoded together."""
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, n: int) -> None:
+        self._max_batch_size = n
+        if self._generator is not None and self.batched:
+            self._generator.completion_batch_size = n
+            self._generator.prefill_batch_size = n
+
+    def add(self, handle: RequestHandle, request: Request, submitted: float) -> None:
+        """Queue a request; it joins the batch when a slot is free."""
+        if not self.busy:
+            import mlx.core as mx
+
+            mx.reset_peak_memory()  # peak memory is reported per busy period
+        self._waiting.append(_Live(handle, request, submitted))
+
+    def step(self) -> None:
+        """Admit, sweep, advance the batch by one step, deliver events."""
+        self._admit()
+        self._sweep()
+        if not self._live:
+            return
+        generator = self._ensure_generator()
+        decoding = any(live.decoding for live in self._live.values())
+        generator.prefill_step_size = (
+            PREFILL_STEP_WHILE_DECODING if decoding else PREFILL_STEP
+        )
+        try:
+            prompt_responses, responses = generator.next()
+        except Exception as e:  # the batch is unusable: fail its requests
+            logger.debug("batch step failed", exc_info=True)
+            self.fail_all(e)
+            return
+        for p in prompt_responses:
+            if p.end_of_prompt and p.uid in self._live:
+                self._live[p.uid].decoding = True
+        to_remove: list[_Live] = []
+        for r in responses:
+            live = self._live.get(r.uid)
+            if live is not None:
+                self._on_token(live, r, to_remove)
+        self._remove(to_remove)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Deliver `error` to every request and start from an empty batch."""
+        for live in [*self._live.values(), *self._waiting]:
+            self._end(live, "error", error=error)
+        self._live.clear()
+        self._waiting.clear()
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    # -- admission ------------------------------------------------------------
+
+    def _ensure_generator(self) -> Any:
+        if self._generator is None:
+            if self.batched:
+                from mlx_lm.generate import BatchGenerator
+
+                self._generator = BatchGenerator(
+                    self._model,
+                    completion_batch_size=self._max_batch_size,
+                    prefill_batch_size=self._max_batch_size,
+                    prefill_step_size=PREFILL_STEP,
+                )
+            else:
+                from langchain_mlx._serial import SerialGenerator
+
+                self._generator = SerialGenerator(
+                    self._model, prefill_step_size=PREFILL_STEP
+                )
+        return self._generator
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._live) < self._max_batch_size:
+            live = self._waiting.popleft()
+            if live.handle.cancelled:
+                self._end(live, "cancelled")
+                continue
+            try:
+                self._insert(live)
+            except Exception as e:  # a bad request fails alone
+                logger.debug("could not start a request", exc_info=True)
+                self._end(live, "error", error=e)
+
+    def _insert(self, live: _Live) -> None:
+        prompt = list(live.request.prompt_ids)
+        settings = live.request.settings
+        processors = [_guarded(p, live) for p in _processors(settings, live.request)]
+        sampler = make_request_sampler(settings)
+        generator = self._ensure_generator()
+        cache, cached = self._prefix.fetch(prompt)
+        (uid,) = generator.insert(
+            [prompt[cached:]],
+            max_tokens=[settings.max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[self._eos_stops],
+        )
+        live.uid = uid
+        live.cached = cached
+        live.admitted = time.perf_counter()
+        live.detokenizer = self._tokenizer.detokenizer  # a fresh copy per call
+        live.stops = StopMatcher(settings.stop)
+        self._live[uid] = live
+        self.largest_batch = max(self.largest_batch, len(self._live))
+
+    def _sweep(self) -> None:
+        """Drop requests whose reader left or whose time is up."""
+        now = time.perf_counter()
+
+        def gone(live: _Live) -> bool:
+            deadline = live.deadline
+            return live.handle.cancelled or (deadline is not None and now > deadline)
+
+        for live in [w for w in self._waiting if gone(w)]:
+            self._waiting.remove(live)
+            if live.handle.cancelled:
+                self._end(live, "cancelled")
+            else:
+                self._end(live, "error", error=_timeout_error(live, now))
+        self._remove([live for live in self._live.values() if gone(live)])
+
+    # -- delivery -------------------------------------------------------------
+
+    def _on_token(self, live: _Live, r: Any, to_remove: list[_Live]) -> None:
+        if live.error is not None:  # a logits processor failed on this step
+            to_remove.append(live)
+            return
+        live.generated += 1
+        if live.first is None:
+            live.first = time.perf_counter()
+        assert live.stops is not None
+        finish = r.finish_reason
+        if not (finish == "stop" and r.token in self._eos_ids):
+            live.detokenizer.add_token(r.token)
+            text = live.stops.push(live.detokenizer.last_segment)
+            if text:
+                live.handle._put(Delta(text))
+            if live.stops.stopped:
+                finish = "stop"
+        if finish is None:
+            return
+        if r.finish_reason is None:  # a stop string: still in the batch
+            to_remove.append(live)
+            return
+        self._prefix.store(r.all_tokens, r.prompt_cache)
+        del self._live[live.uid]
+        self._end(live, finish)
+
+    def _remove(self, lives: list[_Live]) -> None:
+        """Take live requests out of the batch and finish them."""
+        if not lives:
+            return
+        uids = [live.uid for live in lives]
+        caches = self._ensure_generator().remove(uids, return_prompt_caches=True)
+        now = time.perf_counter()
+        for live in lives:
+            del self._live[live.uid]
+            if live.error is None:
+                cache, tokens = caches.get(live.uid, (None, None))
+                if cache is not None and tokens is not None:
+                    self._prefix.store(tokens, cache)
+            if live.error is not None:
+                self._end(live, "error", error=live.error)
+            elif live.stops is not None and live.stops.stopped:
+                self._end(live, "stop")
+            elif live.handle.cancelled:
+                self._end(live, "cancelled")
+            else:
+                self._end(live, "error", error=_timeout_error(live, now))
+
+    def _end(
+        self, live: _Live, reason: str, *, error: BaseException | None = None
+    ) -> None:
+        """Send the request's last events and count it."""
+        import mlx.core as mx
+
+        if error is not None:
+            live.handle._put(error)
+            self._on_done("error")
+            return
+        if reason != "cancelled" and live.detokenizer is not None:
+            assert live.stops is not None
+            live.detokenizer.finalize()
+            tail = live.stops.push(live.detokenizer.last_segment) + live.stops.flush()
+            if tail:
+                live.handle._put(Delta(tail))
+        end = time.perf_counter()
+        first = live.first if live.first is not None else end
+        n_prompt = len(live.request.prompt_ids)
+        n = live.generated
+        live.handle._put(
+            Final(
+                finish_reason=reason,
+                prompt_tokens=n_prompt,
+                generation_tokens=n,
+                prompt_tps=(n_prompt - live.cached)
+                / max(first - (live.admitted or first), 1e-9),
+                generation_tps=(n - 1) / (end - first) if n > 1 else 0.0,
+                time_to_first_token=first - live.submitted,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                cached_tokens=live.cached,
+            )
+        )
+        self._on_done(reason)
+
+
+def make_request_sampler(s: GenerationSettings) -> Sampler:
+    """The request's sampler; with a seed, one that owns its random key."""
+    from mlx_lm.sample_utils import greedy_sampler, make_sampler
+
+    if s.temperature == 0:
+        greedy: Sampler = greedy_sampler  # shared: a greedy batch samples at once
+        return greedy
+    if s.seed is None:
+        sampler: Sampler = make_sampler(
+            s.temperature,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            min_tokens_to_keep=s.min_tokens_to_keep,
+            top_k=s.top_k,
+        )
+        return sampler
+    return _seeded_sampler(s, s.seed)
+
+
+def _seeded_sampler(s: GenerationSettings, seed: int) -> Sampler:
+    """`make_sampler`'s chain (top_p, min_p, top_k, temperature) on a private key."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    key = mx.random.key(seed)
+    inv_temp = 1.0 / s.temperature
+
+    def sample(logprobs: Any) -> Any:
+        nonlocal key
+        key, sub = mx.random.split(key)  # as MLX's global generator steps
+        if 0 < s.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, s.top_p)
+        if s.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, s.min_p, s.min_tokens_to_keep)
+        if s.top_k > 0:
+            logprobs = apply_top_k(logprobs, s.top_k)
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+def _processors(s: GenerationSettings, request: Request) -> list[LogitsProcessor]:
+    from mlx_lm.sample_utils import make_logits_processors
+
+    penalties = make_logits_processors(
+        None, s.repetition_penalty, s.repetition_context_size
+    )
+    return [*penalties, *request.logits_processors]
+
+
+def _guarded(processor: LogitsProcessor, live: _Live) -> LogitsProcessor:
+    """A processor whose failure ends its own request, not the whole batch."""
+
+    def run(tokens: Any, logits: Any) -> Any:
+        if live.error is not None:
+            return logits
+        try:
+            return processor(tokens, logits)
+        except Exception as e:
+            live.error = e
+            return logits
+
+    return run
+
+
+def _timeout_error(live: _Live, now: float) -> GenerationTimeoutError:
+    timeout = live.request.settings.timeout
+    msg = (
+        f"generation exceeded timeout={timeout}s after {now - live.submitted:.1f}s; "
+        "raise `timeout`, lower `max_tokens`, or pass a shorter prompt"
+    )
+    return GenerationTimeoutError(msg)

@@ -1,0 +1,228 @@
+"""Grammar-constrained decoding: output that is valid by construction.
+
+A grammar (a JSON schema, "any JSON object", or the model family's tool-call
+format with each tool's argument schema) is compiled by llguidance into a token
+matcher; `GrammarLogitsProcessor` is an mlx-lm logits processor that, before
+each sampled token, masks every token the grammar does not allow. Once the
+grammar is complete only EOS is allowed, so generation ends there.
+
+The mask is computed with `llguidance.numpy` (the `llguidance.mlx` helper needs
+Metal); mlx is imported lazily, only inside the processor, which runs on the
+engine's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Compact but readable JSON, the way chat templates print it (`tojson`); no
+# free whitespace, or weak models wander in it.
+JSON_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+
+class UnsupportedSchemaError(ValueError):
+    """The schema (or tool) uses something the grammar compiler cannot enforce."""
+
+
+class ConstraintViolationError(RuntimeError):
+    """The constrained generation reached a state the grammar rejects."""
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How a model family wraps a tool call (e.g. `<tool_call>` JSON `</tool_call>`).
+
+    `start`/`end` of `None` means bare JSON objects, one per line.
+    """
+
+    start: str | None = None
+    end: str | None = None
+    start_lark: str | None = None
+    """The start as a Lark expression, e.g. `<[151657]> "\\n"` when the marker
+    is one added token (llguidance must then match that token, not its text)."""
+    end_lark: str | None = None
+
+    @property
+    def tagged(self) -> bool:
+        """Whether calls are wrapped in start/end markers."""
+        return self.start is not None
+
+
+def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
+    schema = close_objects(schema)
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+
+
+def close_objects(schema: Any) -> Any:
+    """Objects with `properties` take only those, unless the schema says otherwise.
+
+    JSON Schema allows extra keys by default; a user asking for a `Person`
+    does not want the model to invent more (OpenAI's strict mode does the same).
+    """
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """A grammar for one JSON value matching `schema`."""
+    from llguidance import LLMatcher
+
+    return str(LLMatcher.grammar_from_json_schema(_with_options(schema)))
+
+
+def json_object_grammar() -> str:
+    """A grammar for any JSON object (`json_mode`)."""
+    return json_schema_grammar({"type": "object"})
+
+
+def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """JSON schema of one call `{"name": ..., "arguments": {...}}` to any of `tools`."""
+    variants = []
+    for tool in tools:
+        fn = tool["function"]
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def tool_call_grammar(
+    tools: Sequence[dict[str, Any]], fmt: ToolCallFormat, *, parallel: bool
+) -> str:
+    """A Lark grammar for one call (several if `parallel`) in the model's format."""
+    if not tools:
+        msg = (
+            "a tool call was required but no tools are bound; pass tools to bind_tools"
+        )
+        raise ValueError(msg)
+    schema = json.dumps(_with_options(tool_call_schema(tools)))
+    if fmt.tagged:
+        start = fmt.start_lark or json.dumps(fmt.start)
+        end = fmt.end_lark or json.dumps(fmt.end)
+        call = f"{start} json_call {end}"
+    else:
+        call = "json_call"
+    repeat = ' ("\\n" call)*' if parallel else ""
+    return f"start: call{repeat}\ncall: {call}\njson_call: %json {schema}\n"
+
+
+class ConstraintCompiler:
+    """Compiles grammars against one tokenizer (its llguidance view is cached)."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        from llguidance import LLTokenizer
+
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            msg = (
+                "grammar-constrained decoding needs a fast (Rust `tokenizers`) "
+                f"tokenizer; {type(hf_tokenizer).__name__} is not one"
+            )
+            raise UnsupportedSchemaError(msg)
+        self.lltokenizer = LLTokenizer(
+            backend.to_str(), eos_token=hf_tokenizer.eos_token_id
+        )
+
+    _cache: dict[int, ConstraintCompiler] = {}  # noqa: RUF012
+    _cache_lock = threading.Lock()
+
+    @classmethod
+    def for_tokenizer(cls, hf_tokenizer: Any) -> ConstraintCompiler:
+        """The compiler for a tokenizer, built once (about 0.2 s)."""
+        with cls._cache_lock:
+            compiler = cls._cache.get(id(hf_tokenizer))
+            if compiler is None:
+                compiler = cls(hf_tokenizer)
+                cls._cache[id(hf_tokenizer)] = compiler
+            return compiler
+
+    def check(self, grammar: str, what: str) -> None:
+        """Raise `UnsupportedSchemaError` if the grammar cannot be enforced."""
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
+        if error and not error.startswith("WARNING"):
+            msg = (
+                f"{what} cannot be enforced by the grammar compiler: {error}. "
+                "Simplify the schema (drop or replace that keyword) and try again."
+            )
+            raise UnsupportedSchemaError(msg)
+
+    def processor(self, grammar: str) -> GrammarLogitsProcessor:
+        """A fresh, single-use logits processor for one generation."""
+        return GrammarLogitsProcessor(self.lltokenizer, grammar)
+
+
+class GrammarLogitsProcessor:
+    """mlx-lm logits processor `(tokens, logits) -> logits` enforcing a grammar.
+
+    The first call sees the prompt; every later call sees exactly one new
+    sampled token at `tokens[-1]`, which is fed to the matcher before the next
+    mask is computed.
+    """
+
+    def __init__(self, lltokenizer: Any, grammar: str) -> None:
+        import numpy as np
+        from llguidance import LLMatcher
+        from llguidance.numpy import allocate_token_bitmask
+
+        self._np = np
+        self._matcher = LLMatcher(lltokenizer, grammar)
+        if self._matcher.is_error():
+            raise UnsupportedSchemaError(self._matcher.get_error())
+        self._n_vocab = int(lltokenizer.vocab_size)
+        self._bitmask = allocate_token_bitmask(1, self._n_vocab)
+        self._started = False
+        self.mask_seconds = 0.0
+        """Total time spent computing masks (for the benchmark)."""
+        self.steps = 0
+
+    @property
+    def is_accepting(self) -> bool:
+        """Whether the text so far is a complete sentence of the grammar."""
+        return bool(self._matcher.is_accepting())
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import time
+
+        import mlx.core as mx
+        from llguidance.numpy import fill_next_token_bitmask
+
+        if self._started:
+            last = int(tokens[-1].item())
+            if not self._matcher.consume_token(last):
+                msg = f"constrained decoding failed: {self._matcher.get_error()}"
+                raise ConstraintViolationError(msg)
+        self._started = True
+        tic = time.perf_counter()
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        allowed = self._np.unpackbits(
+            self._bitmask.view(self._np.uint8), bitorder="little"
+        )
+        width = logits.shape[-1]
+        if width > allowed.shape[0]:
+            allowed = self._np.pad(allowed, (0, width - allowed.shape[0]))
+        mask = mx.array(allowed[:width].astype(bool))
+        self.mask_seconds += time.perf_counter() - tic
+        self.steps += 1
+        return mx.where(mask, logits, mx.array(-float("inf"), dtype=logits.dtype))

@@ -1,0 +1,220 @@
+"""Tools and response formats for one call: what to render, constrain and parse.
+
+`plan_call` turns the `tools`, `tool_choice`, `parallel_tool_calls` and
+`response_format` a call was bound with into a `CallPlan`: the tools for the chat
+template (or, when the template has no tools section, a system instruction in the
+bare-JSON format we then parse), the grammar that decoding must follow when a
+tool call or a schema is required, and how to parse the generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_mlx._constraints import (
+    ToolCallFormat,
+    json_object_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
+
+FORMATS_WE_CAN_FORCE = {"json_tools"}  # mlx-lm parser modules whose calls are JSON
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Everything about tools/structure that one request needs."""
+
+    template_tools: list[dict[str, Any]] | None
+    """Tools passed to the chat template (`tools=`), if it renders them."""
+    system_instructions: str | None
+    """Text added to the system turn (tool fallback, response schema)."""
+    grammar: str | None
+    """What decoding is constrained to, if anything."""
+    grammar_what: str
+    """Human words for the grammar, for error messages."""
+    parse_tools: bool
+    """Whether generated text is searched for tool calls."""
+    tool_names: frozenset[str]
+    call_format: ToolCallFormat
+    parser: Callable[[str, Any], Any] | None
+
+
+_RENDERS_TOOLS: dict[int, bool] = {}
+_LOCK = threading.Lock()
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template shows `tools` to the model (cached per tokenizer)."""
+    key = id(tokenizer)
+    with _LOCK:
+        if key in _RENDERS_TOOLS:
+            return _RENDERS_TOOLS[key]
+    probe = {
+        "type": "function",
+        "function": {
+            "name": "zz_probe_tool",
+            "description": "probe",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+    messages = [{"role": "user", "content": "hi"}]
+    kw: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
+    try:
+        with_tools = tokenizer.apply_chat_template(messages, tools=[probe], **kw)
+        renders = "zz_probe_tool" in str(with_tools)
+    except Exception:  # a template that chokes on tools does not render them
+        renders = False
+    with _LOCK:
+        _RENDERS_TOOLS[key] = renders
+    return renders
+
+
+def model_call_format(tokenizer: Any) -> tuple[ToolCallFormat, str | None, Any]:
+    """(format for forced calls, mlx-lm parser name, parser function) of the model."""
+    if not template_renders_tools(tokenizer):
+        return ToolCallFormat(), None, None
+    start = getattr(tokenizer, "tool_call_start", None)
+    end = getattr(tokenizer, "tool_call_end", None)
+    parser = getattr(tokenizer, "tool_parser", None)
+    name = getattr(parser, "__module__", "").rsplit(".", 1)[-1] if parser else None
+    if start is None:
+        return ToolCallFormat(), name, None
+    fmt = ToolCallFormat(
+        start=f"{start}\n",
+        end=f"\n{end}",
+        start_lark=f'{_lark_token(tokenizer, start)} "\\n"',
+        end_lark=f'"\\n" {_lark_token(tokenizer, end)}',
+    )
+    return fmt, name, parser
+
+
+def _lark_token(tokenizer: Any, marker: str) -> str:
+    """`<[id]>` if the marker is one added token (Qwen's `<tool_call>`), else text."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    if len(ids) == 1 and marker in added:
+        return f"<[{ids[0]}]>"
+    return json.dumps(marker)
+
+
+def fallback_instructions(tools: Sequence[dict[str, Any]]) -> str:
+    """The system instruction for templates without a tools section."""
+    specs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    return (
+        "You can call these tools (JSON schemas of their arguments):\n"
+        f"{specs}\n"
+        "To call a tool, reply with only a JSON object, one per line, like "
+        '{"name": "<tool name>", "arguments": {<arguments>}}. '
+        "Otherwise answer normally."
+    )
+
+
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
+    """`None`/"auto", "none", "required", or the name of the one tool to call."""
+    if tool_choice is None or tool_choice is False or tool_choice == "auto":
+        return None
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice == "none":
+        return "none"
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function") or {}
+        name = function.get("name") or tool_choice.get("name")
+        if tool_choice.get("type") in ("any", "required"):
+            return "required"
+        if tool_choice.get("type") == "auto":
+            return None
+    else:
+        name = tool_choice
+    if not isinstance(name, str) or name not in names:
+        msg = (
+            f"tool_choice {tool_choice!r} names no bound tool; bound tools: "
+            f"{', '.join(names)}. Use 'auto', 'none', 'any'/'required', or a tool name."
+        )
+        raise ValueError(msg)
+    return name
+
+
+def plan_call(
+    tokenizer: Any,
+    tools: Sequence[dict[str, Any]] | None,
+    tool_choice: Any,
+    parallel_tool_calls: bool | None,
+    response_format: dict[str, Any] | None,
+) -> CallPlan:
+    """Decide rendering, constraint and parsing for one call."""
+    tools = list(tools or [])
+    names = [t["function"]["name"] for t in tools]
+    choice = normalize_tool_choice(tool_choice, names) if tools else None
+    if tool_choice not in (None, "auto", "none") and not tools:
+        msg = "tool_choice was given but no tools are bound; use bind_tools(tools, ...)"
+        raise ValueError(msg)
+    fmt, parser_name, parser = model_call_format(tokenizer)
+    instructions: list[str] = []
+    template_tools = None
+    grammar = None
+    what = ""
+    active = bool(tools) and choice != "none"
+    if active:
+        if template_renders_tools(tokenizer):
+            template_tools = tools
+        else:
+            instructions.append(fallback_instructions(tools))
+        if choice is not None:  # a call is required: constrain decoding to one
+            if parser_name is not None and parser_name not in FORMATS_WE_CAN_FORCE:
+                msg = (
+                    f"this model writes tool calls in the {parser_name!r} format; "
+                    "forcing a call (tool_choice) is supported for JSON tool calls "
+                    "only. Use tool_choice='auto' with this model."
+                )
+                raise ValueError(msg)
+            chosen = (
+                tools
+                if choice == "required"
+                else [t for t in tools if t["function"]["name"] == choice]
+            )
+            grammar = tool_call_grammar(chosen, fmt, parallel=bool(parallel_tool_calls))
+            what = f"a call to {', '.join(t['function']['name'] for t in chosen)}"
+    if response_format is not None:
+        if grammar is not None:
+            msg = "use either a forced tool call or response_format, not both"
+            raise ValueError(msg)
+        grammar, what, text = _response_grammar(response_format)
+        instructions.append(text)
+    start = fmt.start.strip() if fmt.start else None
+    end = fmt.end.strip() if fmt.end else None
+    return CallPlan(
+        template_tools=template_tools,
+        system_instructions="\n\n".join(instructions) or None,
+        grammar=grammar,
+        grammar_what=what,
+        parse_tools=active,
+        tool_names=frozenset(names),
+        call_format=ToolCallFormat(start, end),
+        parser=parser,
+    )
+
+
+def _response_grammar(response_format: dict[str, Any]) -> tuple[str, str, str]:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return json_object_grammar(), "a JSON object", "Answer with a JSON object."
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema", spec)
+        text = (
+            "Answer with a JSON object that matches this JSON schema:\n"
+            + json.dumps(schema, ensure_ascii=False)
+        )
+        return json_schema_grammar(schema), "the response schema", text
+    msg = (
+        f"response_format type {kind!r} is not supported; use "
+        "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or "
+        "{'type': 'json_object'}"
+    )
+    raise ValueError(msg)
