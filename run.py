@@ -64,7 +64,7 @@ def main() -> int:
     if command == "chat":
         return subprocess.call([str(BIN / "langchain-mlx"), "chat", *rest], cwd=ROOT)
     if command == "test":
-        sh(PY, "-m", "ruff", "check", "langchain_mlx", "tests", "benchmarks")
+        sh(PY, "-m", "ruff", "check", "langchain_mlx", "tests", "benchmarks", "examples")
         sh(PY, "-m", "mypy")
         return subprocess.call(
             [str(PY), "-m", "pytest", "-q", "-rs", "--durations=15", *rest], cwd=ROOT

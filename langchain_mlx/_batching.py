@@ -195,7 +195,8 @@ class Scheduler:
         return self._generator
 
     def _admit(self) -> None:
-        while self._waiting and len(self._live) < self._max_batch_size:
+        limit = self._max_batch_size if self.batched else 1
+        while self._waiting and len(self._live) < limit:
             live = self._waiting.popleft()
             if live.handle.cancelled:
                 self._end(live, "cancelled")

@@ -433,7 +433,7 @@ class Engine:
             batched=self._batched,
         )
         self._scheduler = scheduler
-        applied = self._options
+        applied: EngineOptions | None = None  # configure() may run before this
         closing = False
         while True:
             try:

@@ -78,6 +78,7 @@ def response_metadata(final: FinalLike, model_name: str) -> dict[str, Any]:
 # -- tool calls in generated text ----------------------------------------------
 
 _CALL_START = re.compile(r'\{\s*"name"\s*:')
+_EMPTY_FENCE = re.compile(r"```[a-zA-Z]*\s*```")
 
 
 @dataclass
@@ -109,7 +110,8 @@ def _as_call(obj: Any, tool_names: set[str]) -> tuple[ToolCall | None, str | Non
     if not isinstance(name, str) or name not in tool_names:
         bound = ", ".join(sorted(tool_names))
         return None, f"unknown tool {name!r}; bound tools: {bound}"
-    return ToolCall(name=name, args=args, id=str(obj.get("id") or _new_id())), None
+    call_id = str(obj.get("id") or _new_id())
+    return ToolCall(name=name, args=args, id=call_id, type="tool_call"), None
 
 
 def _invalid(raw: str, error: str, name: str | None = None) -> InvalidToolCall:
@@ -168,7 +170,11 @@ def parse_tool_calls(
     else:
         rest.append(text)
     content_parts = [_bare_json_calls(part, out, tool_names) for part in rest]
-    out.content = "".join(content_parts).strip()
+    content = "".join(content_parts)
+    if out.tool_calls or out.invalid_tool_calls:
+        # models often fence a call in markdown: drop the fence the call left empty
+        content = _EMPTY_FENCE.sub("", content)
+    out.content = content.strip()
     return out
 
 

@@ -82,7 +82,7 @@ def model_call_format(tokenizer: Any) -> tuple[ToolCallFormat, str | None, Any]:
     end = getattr(tokenizer, "tool_call_end", None)
     parser = getattr(tokenizer, "tool_parser", None)
     name = getattr(parser, "__module__", "").rsplit(".", 1)[-1] if parser else None
-    if start is None:
+    if start is None or end is None:
         return ToolCallFormat(), name, None
     fmt = ToolCallFormat(
         start=f"{start}\n",
@@ -96,7 +96,7 @@ def model_call_format(tokenizer: Any) -> tuple[ToolCallFormat, str | None, Any]:
 def _lark_token(tokenizer: Any, marker: str) -> str:
     """`<[id]>` if the marker is one added token (Qwen's `<tool_call>`), else text."""
     ids = tokenizer.encode(marker, add_special_tokens=False)
-    added = getattr(tokenizer, "get_added_vocab", dict)()
+    added: dict[str, int] = getattr(tokenizer, "get_added_vocab", dict)()
     if len(ids) == 1 and marker in added:
         return f"<[{ids[0]}]>"
     return json.dumps(marker)

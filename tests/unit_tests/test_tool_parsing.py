@@ -51,6 +51,12 @@ def test_bare_calls_in_a_list_and_after_prose() -> None:
     assert out.content == "Calling both:  done"
 
 
+def test_a_call_fenced_in_markdown_leaves_no_empty_fence() -> None:
+    out = parse('```json\n{"name": "add", "arguments": {"a": 1}}\n```')
+    assert out.content == ""
+    assert out.tool_calls[0]["args"] == {"a": 1}
+
+
 def test_json_that_is_not_a_call_stays_content() -> None:
     text = 'Here is data: {"name": "Bob", "age": 3}'
     out = parse(text)

