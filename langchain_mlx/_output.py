@@ -214,6 +214,48 @@ def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
 # -- engine events -> message chunks ---------------------------------------------
 
 
+class ReasoningSplitter:
+    """Separates a thinking model's reasoning (`<think>...</think>`) from its answer.
+
+    `inside=True` when the prompt already opened the thinking block (templates
+    of reasoning models often end the generation prompt with `<think>`).
+    """
+
+    def __init__(self, think_start: str, think_end: str, *, inside: bool) -> None:
+        self._start, self._end = think_start, think_end
+        self._state = "inside" if inside else "undecided"
+        self._lead = ""
+        self._matcher = StopMatcher([think_end])
+
+    def push(self, text: str) -> tuple[str, str]:
+        """Feed generated text; return (reasoning, content) safe to emit now."""
+        if self._state == "content":
+            return "", text
+        if self._state == "undecided":
+            self._lead += text
+            lead = self._lead.lstrip()
+            if lead.startswith(self._start):
+                self._state, text = "inside", lead[len(self._start) :]
+            elif self._start.startswith(lead):
+                return "", ""  # may still become the start marker
+            else:
+                self._state, self._lead = "content", ""
+                return "", lead
+        reasoning = self._matcher.push(text)
+        if not self._matcher.stopped:
+            return reasoning, ""
+        self._state = "content"
+        return reasoning, self._matcher.remainder[len(self._end) :].lstrip("\n")
+
+    def flush(self) -> tuple[str, str]:
+        """The held-back text at the end: unfinished reasoning, or content."""
+        if self._state == "inside":
+            return self._matcher.flush(), ""
+        if self._state == "undecided":
+            return "", self._lead
+        return "", ""
+
+
 class ChunkAssembler:
     """Turns one request's engine events into `AIMessageChunk`s.
 
@@ -232,8 +274,10 @@ class ChunkAssembler:
         start: str | None = None,
         end: str | None = None,
         parser: Callable[[str, Any], Any] | None = None,
+        reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.model_name = model_name
+        self._reasoning = reasoning
         self._tool_names = set(tool_names)
         self._start, self._end, self._parser = start, end, parser
         triggers = [t for t in (start, "{") if t]
@@ -244,11 +288,12 @@ class ChunkAssembler:
     def chunk(self, event: Any) -> AIMessageChunk | None:
         """The chunk for an engine event (`Delta` or `Final`), if any."""
         if not hasattr(event, "finish_reason"):  # a Delta
-            text = self._holdback.push(event.text) if self._holdback else event.text
-            return AIMessageChunk(content=text) if text else None
-        content, tool_call_chunks = "", []
+            thought, text = self._split(event.text)
+            return _text_chunk(thought, text)
+        thought, content = self._split("", final=True)
+        tool_call_chunks = []
         if self._holdback is not None:
-            content = self._holdback.flush()
+            content += self._holdback.flush()
             held = self._holdback.remainder
             self.parsed = parse_tool_calls(
                 held,
@@ -269,14 +314,34 @@ class ChunkAssembler:
             metadata["finish_reason"] = "tool_calls"
         return AIMessageChunk(
             content=content,
+            additional_kwargs={"reasoning_content": thought} if thought else {},
             tool_call_chunks=tool_call_chunks,
             usage_metadata=usage_metadata(event),
             response_metadata=metadata,
             chunk_position="last",
         )
 
+    def _split(self, text: str, *, final: bool = False) -> tuple[str, str]:
+        """(reasoning, content to emit) for new text, through both hold-backs."""
+        thought = ""
+        if self._reasoning is not None:
+            thought, text = self._reasoning.push(text)
+            if final:
+                more_thought, more_text = self._reasoning.flush()
+                thought, text = thought + more_thought, text + more_text
+        if self._holdback is not None and text:
+            text = self._holdback.push(text)
+        return thought, text
+
     def finish(self, message: BaseMessage) -> None:
         """Give the combined message the exact parse (no partial-JSON repair)."""
         if self.parsed is not None and isinstance(message, AIMessage):
             message.tool_calls = list(self.parsed.tool_calls)
             message.invalid_tool_calls = list(self.parsed.invalid_tool_calls)
+
+
+def _text_chunk(thought: str, text: str) -> AIMessageChunk | None:
+    if not thought and not text:
+        return None
+    extra = {"reasoning_content": thought} if thought else {}
+    return AIMessageChunk(content=text, additional_kwargs=extra)

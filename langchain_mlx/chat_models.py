@@ -53,7 +53,7 @@ from langchain_mlx._constraints import ConstraintCompiler
 from langchain_mlx._engine import Engine, Request
 from langchain_mlx._messages import render_prompt
 from langchain_mlx._models import DEFAULT_MODEL
-from langchain_mlx._output import ChunkAssembler
+from langchain_mlx._output import ChunkAssembler, ReasoningSplitter
 from langchain_mlx._settings import canonical_settings
 from langchain_mlx._tools import plan_call
 from langchain_mlx.llms import EngineFields, MLXPipeline
@@ -144,9 +144,39 @@ class ChatMLX(BaseChatModel, EngineFields):
         #  'peak_memory_gb': ...}
         ```
 
-    Tool calling and structured output:
-        Not in this release: `bind_tools` renders tools into the chat template
-        but does not parse calls yet (see the project's issue tracker).
+    Tool calling:
+        ```python
+        def get_weather(city: str) -> str:
+            \"\"\"Get the weather in a city.\"\"\"
+            return "sunny"
+
+        qwen = ChatMLX(model="qwen2.5-coder-0.5b-instruct", max_tokens=96)
+        msg = qwen.bind_tools([get_weather]).invoke("Weather in Paris?")
+        msg.tool_calls  # [{'name': 'get_weather', 'args': {'city': 'Paris'}, ...}]
+        qwen.bind_tools([get_weather], tool_choice="any")  # forced: grammar-constrained
+        ```
+        Free output is parsed (mlx-lm's parser for the model family, plus bare
+        JSON calls); what does not parse lands in `invalid_tool_calls`. When a
+        call is required, decoding follows a grammar of the model's call format
+        and each tool's argument schema, so the call is valid by construction.
+
+    Structured output:
+        ```python
+        class Person(BaseModel):
+            name: str
+            age: int
+
+        qwen.with_structured_output(Person).invoke("Alice is 30.")
+        # Person(name='Alice', age=30)
+        ```
+        `method="json_schema"` (default, constrained to the schema),
+        `"function_calling"` (a forced constrained call) or `"json_mode"`.
+
+    Reasoning:
+        For thinking models (mlx-lm knows their `<think>` markers), reasoning is
+        streamed into `additional_kwargs["reasoning_content"]`, the answer into
+        `content`.
+
     """
 
     llm: MLXPipeline | None = Field(default=None, exclude=True)
@@ -297,6 +327,7 @@ class ChatMLX(BaseChatModel, EngineFields):
             start=plan.call_format.start,
             end=plan.call_format.end,
             parser=plan.parser,
+            reasoning=_reasoning_splitter(tokenizer, ids),
         )
         request = Request(
             prompt_ids=ids, settings=settings, logits_processors=processors
@@ -552,6 +583,17 @@ class ChatMLX(BaseChatModel, EngineFields):
                 tools=formatted,
             )
         )
+
+
+def _reasoning_splitter(
+    tokenizer: Any, prompt_ids: list[int]
+) -> ReasoningSplitter | None:
+    """A splitter for thinking models (mlx-lm knows their think markers)."""
+    if not getattr(tokenizer, "has_thinking", False):
+        return None
+    start, end = tokenizer.think_start, tokenizer.think_end
+    tail = tokenizer.decode(prompt_ids[-8:])
+    return ReasoningSplitter(start, end, inside=tail.rstrip().endswith(start))
 
 
 def _hf_tokenizer(tokenizer: Any) -> Any:

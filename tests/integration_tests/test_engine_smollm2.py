@@ -7,7 +7,6 @@ concurrent conversations answer what they answer alone.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -53,4 +52,3 @@ async def test_concurrent_conversations_answer_as_alone(chat: ChatMLX) -> None:
     together = await chat.abatch(questions, max_tokens=8)
     assert [m.content for m in together] == alone
     assert chat.llm.engine.largest_batch >= 2
-    assert asyncio.get_running_loop()  # ran under the test's event loop

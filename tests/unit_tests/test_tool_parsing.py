@@ -159,3 +159,37 @@ def test_tool_choice_forms(choice: object, expected: str | None) -> None:
 def test_tool_choice_naming_an_unbound_tool_is_an_error() -> None:
     with pytest.raises(ValueError, match="names no bound tool"):
         normalize_tool_choice("launch", ["add"])
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_reasoning_is_split_from_the_answer(inside: bool) -> None:
+    from langchain_mlx._output import ReasoningSplitter
+
+    asm = ChunkAssembler(
+        "m", reasoning=ReasoningSplitter("<think>", "</think>", inside=inside)
+    )
+    pieces = ([] if inside else ["<thi", "nk>"]) + [
+        "Let me ",
+        "think.</th",
+        "ink>\n\nParis",
+        ".",
+    ]
+    chunks = [c for p in pieces if (c := asm.chunk(Delta(p))) is not None]
+    chunks.append(asm.chunk(FakeFinal()))
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    assert full.content == "Paris."
+    assert full.additional_kwargs["reasoning_content"] == "Let me think."
+
+
+def test_no_reasoning_when_the_model_does_not_think() -> None:
+    from langchain_mlx._output import ReasoningSplitter
+
+    asm = ChunkAssembler(
+        "m", reasoning=ReasoningSplitter("<think>", "</think>", inside=False)
+    )
+    chunks = [asm.chunk(Delta(p)) for p in ["<", "b>Paris</b>"]]
+    last = asm.chunk(FakeFinal())
+    text = "".join(str(c.content) for c in [*chunks, last] if c is not None)
+    assert text == "<b>Paris</b>"
