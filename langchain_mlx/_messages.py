@@ -51,7 +51,11 @@ def message_to_dict(message: BaseMessage) -> dict[str, Any]:
     elif isinstance(message, HumanMessage):
         out = {"role": "user", "content": _text(message, "user")}
     elif isinstance(message, AIMessage):
-        out = {"role": "assistant", "content": _text(message, "assistant")}
+        content = _text(message, "assistant")
+        # A call that did not parse is still what the model said: keep its text.
+        raw = [str(c.get("args") or "") for c in message.invalid_tool_calls]
+        content = "\n".join(p for p in [content, *raw] if p)
+        out = {"role": "assistant", "content": content}
         if message.tool_calls:
             out["tool_calls"] = [
                 {

@@ -193,3 +193,23 @@ def test_no_reasoning_when_the_model_does_not_think() -> None:
     last = asm.chunk(FakeFinal())
     text = "".join(str(c.content) for c in [*chunks, last] if c is not None)
     assert text == "<b>Paris</b>"
+
+
+def test_invalid_tool_call_text_is_kept_in_history() -> None:
+    from langchain_core.messages import AIMessage
+
+    from langchain_mlx._messages import message_to_dict
+
+    msg = AIMessage(
+        "Let me try.",
+        invalid_tool_calls=[
+            {
+                "type": "invalid_tool_call",
+                "name": None,
+                "args": '{"name": "add", "argu',
+                "id": "c",
+                "error": "bad",
+            }
+        ],
+    )
+    assert message_to_dict(msg)["content"] == 'Let me try.\n{"name": "add", "argu'
