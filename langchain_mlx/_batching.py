@@ -5,7 +5,13 @@
 1. admits waiting requests while fewer than `max_batch_size` are live: looks up
    the longest cached prefix (`PrefixCache.fetch`) and inserts the rest of the
    prompt into mlx-lm's `BatchGenerator` with the request's own sampler, logits
-   processors, max_tokens and EOS ids;
+   processors, max_tokens and EOS ids. Requests that start the same way
+   (parallel branches of an agent share its whole history; a batch shares a
+   system prompt and tools) prefill that start once: a newcomer whose uncached
+   start another prompt in prefill covers waits for that prefill (the
+   provider's KV cache is stored when its prompt is done) and then reuses it;
+   newcomers that share a start among themselves get a one-token job that
+   prefills it;
 2. drops cancelled and timed-out requests at once (`BatchGenerator.remove`);
 3. runs `BatchGenerator.next()`: one decode step for every generating request
    and one prefill chunk for the newcomers, so a long prompt never holds the
@@ -42,7 +48,7 @@ from langchain_mlx._engine import (
     Request,
     RequestHandle,
 )
-from langchain_mlx._prefix_cache import PrefixCache
+from langchain_mlx._prefix_cache import PrefixCache, common_length, shared_prefixes
 from langchain_mlx._settings import GenerationSettings
 from langchain_mlx._stop import StopMatcher
 
@@ -52,6 +58,7 @@ Sampler = Callable[[Any], Any]
 
 PREFILL_STEP = 512  # prompt tokens per chunk when no stream is waiting on it
 PREFILL_STEP_WHILE_DECODING = 128  # per chunk while other requests decode
+SHARED_PREFIX_MIN = 16  # tokens worth prefilling once for several requests
 
 
 @dataclass(eq=False)
@@ -67,6 +74,8 @@ class _Live:
     cached: int = 0
     generated: int = 0
     decoding: bool = False
+    waits_for: int | None = None  # uid of the sequence prefilling its start
+    checked: bool = False  # looked for a shared start already
     error: BaseException | None = None
     detokenizer: Any = None
     stops: StopMatcher | None = None
@@ -92,7 +101,7 @@ class Scheduler:
         batched: bool | None = None,
     ) -> None:
         from mlx_lm.generate import StopSequences
-        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
         self._model = model
         self._tokenizer = tokenizer
@@ -105,16 +114,21 @@ class Scheduler:
             batched = all(hasattr(c, "merge") for c in make_prompt_cache(model))
         self.batched = batched
         """Whether requests share one batch (False: one at a time, in order)."""
+        self._share_prefixes = batched and can_trim_prompt_cache(
+            make_prompt_cache(model)
+        )
         self._generator: Any = None
         self._waiting: collections.deque[_Live] = collections.deque()
         self._live: dict[int, _Live] = {}
+        self._jobs: set[int] = set()  # one-token sequences filling a shared prefix
+        self._providers: dict[int, list[int]] = {}  # uid -> tokens others await
         self.largest_batch = 0
         """The most requests live at once so far."""
 
     @property
     def busy(self) -> bool:
         """Whether any request is waiting or live."""
-        return bool(self._waiting or self._live)
+        return bool(self._waiting or self._live or self._jobs)
 
     @property
     def max_batch_size(self) -> int:
@@ -140,7 +154,7 @@ class Scheduler:
         """Admit, sweep, advance the batch by one step, deliver events."""
         self._admit()
         self._sweep()
-        if not self._live:
+        if not self._live and not self._jobs:
             return
         generator = self._ensure_generator()
         decoding = any(live.decoding for live in self._live.values())
@@ -156,11 +170,15 @@ class Scheduler:
         for p in prompt_responses:
             if p.end_of_prompt and p.uid in self._live:
                 self._live[p.uid].decoding = True
+            if p.end_of_prompt and p.uid in self._providers:
+                self._provide(p.uid)
         to_remove: list[_Live] = []
         for r in responses:
             live = self._live.get(r.uid)
             if live is not None:
                 self._on_token(live, r, to_remove)
+            elif r.finish_reason is not None:
+                self._jobs.discard(r.uid)
         self._remove(to_remove)
 
     def fail_all(self, error: BaseException) -> None:
@@ -169,6 +187,8 @@ class Scheduler:
             self._end(live, "error", error=error)
         self._live.clear()
         self._waiting.clear()
+        self._jobs.clear()
+        self._providers.clear()
         if self._generator is not None:
             self._generator.close()
             self._generator = None
@@ -196,32 +216,104 @@ class Scheduler:
 
     def _admit(self) -> None:
         limit = self._max_batch_size if self.batched else 1
-        while self._waiting and len(self._live) < limit:
-            live = self._waiting.popleft()
-            if live.handle.cancelled:
-                self._end(live, "cancelled")
+        free = limit - len(self._live) - len(self._jobs)
+        if self._share_prefixes and self._prefix.enabled:
+            free = self._share_prefixes_of_newcomers(free)
+        for live in list(self._waiting):
+            if free <= 0:
+                break
+            if live.waits_for in self._providers:  # its start is on the way
                 continue
+            self._waiting.remove(live)
             try:
                 self._insert(live)
+                free -= 1
             except Exception as e:  # a bad request fails alone
                 logger.debug("could not start a request", exc_info=True)
                 self._end(live, "error", error=e)
 
-    def _insert(self, live: _Live) -> None:
-        prompt = list(live.request.prompt_ids)
-        settings = live.request.settings
-        processors = [_guarded(p, live) for p in _processors(settings, live.request)]
-        sampler = make_request_sampler(settings)
+    def _share_prefixes_of_newcomers(self, free: int) -> int:
+        """Make newcomers wait for a prefill that covers their uncached start."""
+        newcomers = [w for w in self._waiting if not w.checked]
+        if not newcomers:
+            return free
+        in_flight = {
+            uid: list(live.request.prompt_ids)
+            for uid, live in self._live.items()
+            if not live.decoding
+        }
+        in_flight.update(self._providers)
+        alone: list[tuple[_Live, list[int], int]] = []
+        for w in newcomers:
+            w.checked = True
+            prompt = list(w.request.prompt_ids)
+            cached = self._prefix.reusable(prompt)
+            shared, uid = max(
+                (
+                    (common_length(prompt, t, len(prompt) - 1), u)
+                    for u, t in in_flight.items()
+                ),
+                default=(0, -1),
+            )
+            if shared - cached >= SHARED_PREFIX_MIN:
+                w.waits_for = uid
+                self._providers.setdefault(uid, in_flight[uid])
+            else:
+                alone.append((w, prompt, cached))
+        prompts = [prompt for _, prompt, _ in alone]
+        for length, members in shared_prefixes(prompts, SHARED_PREFIX_MIN):
+            if free <= 0:
+                break
+            prefix = prompts[members[0]][:length]
+            if length - self._prefix.reusable([*prefix, 0]) < SHARED_PREFIX_MIN:
+                continue  # mostly cached already
+            uid, _ = self._insert_tokens(prefix, max_tokens=1, processors=[])
+            self._jobs.add(uid)
+            self._providers[uid] = prefix
+            for i in members:
+                alone[i][0].waits_for = uid
+            free -= 1
+        return free
+
+    def _provide(self, uid: int) -> None:
+        """A prompt others wait for is prefilled: keep a copy of its KV state."""
+        del self._providers[uid]
+        for cache, tokens in self._ensure_generator().extract_cache([uid]).values():
+            self._prefix.store(tokens, cache, kind="user")
+
+    def _insert_tokens(
+        self,
+        prompt: list[int],
+        *,
+        max_tokens: int,
+        processors: list[LogitsProcessor],
+        sampler: Sampler | None = None,
+    ) -> tuple[int, int]:
+        """Put a sequence in the batch from its longest cached prefix.
+
+        Returns its uid and how many prompt tokens came from the cache.
+        """
         generator = self._ensure_generator()
         cache, cached = self._prefix.fetch(prompt)
         (uid,) = generator.insert(
             [prompt[cached:]],
-            max_tokens=[settings.max_tokens],
+            max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
             samplers=[sampler],
             logits_processors=[processors],
             stop_sequences=[self._eos_stops],
+        )
+        return uid, cached
+
+    def _insert(self, live: _Live) -> None:
+        settings = live.request.settings
+        processors = [_guarded(p, live) for p in _processors(settings, live.request)]
+        uid, cached = self._insert_tokens(
+            list(live.request.prompt_ids),
+            max_tokens=settings.max_tokens,
+            processors=processors,
+            sampler=make_request_sampler(settings),
         )
         live.uid = uid
         live.cached = cached
@@ -283,6 +375,7 @@ class Scheduler:
         now = time.perf_counter()
         for live in lives:
             del self._live[live.uid]
+            self._providers.pop(live.uid, None)
             if live.error is None:
                 cache, tokens = caches.get(live.uid, (None, None))
                 if cache is not None and tokens is not None:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 LogitsProcessor = Callable[[Any, Any], Any]
 
 _POLL_SECONDS = 1.0  # how often a waiting reader checks that the worker lives
+_GATHER_SECONDS = 0.002  # after waking from idle, how long to collect newcomers
 
 
 class GenerationTimeoutError(TimeoutError):
@@ -234,6 +235,7 @@ class Engine:
         self._closing = False
         self._parked = threading.Event()
         self._scheduler: Scheduler | None = None
+        self._applied: EngineOptions | None = None  # options the worker applied
         self.finished: collections.Counter[str] = collections.Counter()
         """How many requests ended with each finish reason (and "error")."""
         self._thread = threading.Thread(
@@ -433,18 +435,12 @@ class Engine:
             batched=self._batched,
         )
         self._scheduler = scheduler
-        applied: EngineOptions | None = None  # configure() may run before this
         closing = False
         while True:
             try:
                 block = not scheduler.busy
                 closing = self._take_items(scheduler, block=block) or closing
-                if self._options is not applied:
-                    applied = self._options
-                    scheduler.max_batch_size = applied.max_batch_size
-                    self.prefix_cache.set_limits(
-                        applied.prefix_cache_entries, applied.prefix_cache_bytes
-                    )
+                self._apply_options(scheduler)
                 if closing and not scheduler.busy:
                     # Park instead of returning: when this thread exits, MLX's
                     # thread-local compile cache is destroyed and takes the GIL; at
@@ -457,19 +453,36 @@ class Engine:
                 logger.exception("the MLX engine for %r failed a step", self.name)
                 scheduler.fail_all(e)
 
+    def _apply_options(self, scheduler: Scheduler) -> None:
+        """Bring the scheduler and prefix cache in line with `configure()`."""
+        options = self._options
+        if options is not self._applied:
+            self._applied = options
+            scheduler.max_batch_size = options.max_batch_size
+            self.prefix_cache.set_limits(
+                options.prefix_cache_entries, options.prefix_cache_bytes
+            )
+
     def _take_items(self, scheduler: Scheduler, *, block: bool) -> bool:
         """Move everything queued to the scheduler; True once close() was called."""
         closing = False
         try:
             item = self._queue.get() if block else self._queue.get_nowait()
             while True:
+                self._apply_options(scheduler)
                 if item is None:
                     closing = True
                 elif isinstance(item, _Task):
                     item.run()
                 else:
                     scheduler.add(*item)
-                item = self._queue.get_nowait()
+                # Waking from idle, wait a moment for requests submitted together
+                # (gather, batch): they share a batch and their common prefix.
+                item = (
+                    self._queue.get(timeout=_GATHER_SECONDS)
+                    if block
+                    else (self._queue.get_nowait())
+                )
         except queue.Empty:
             return closing
 

@@ -16,6 +16,9 @@ module adds what the engine needs on top of it:
   wrapped) are reused only when a stored sequence is an exact prefix of the
   prompt; `LRUPromptCache` checks `can_trim_prompt_cache` before trimming.
 - Limits can change at run time; a limit of 0 turns reuse off.
+- `shared_prefixes` finds prompts waiting together that start the same way
+  (parallel branches of one agent, a batch under one system prompt), so the
+  scheduler can prefill their common start once and serve all from the cache.
 - One prefix (e.g. a long system prompt and tool definitions) can be saved to a
   file and loaded in a later process, with its token ids and a fingerprint of
   the model in the file's metadata.
@@ -26,6 +29,7 @@ Everything here runs on the engine's worker thread (the class is not locked).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Sequence
@@ -104,6 +108,24 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += cached
         return cache, cached
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` `fetch` would reuse (no copy made)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        if not self.enabled or len(prompt) < 2:
+            return 0
+        head = list(prompt[:-1])
+        trie = self._lru._trie  # LRUPromptCache's own index (mlx-lm 0.32)
+        found = trie.search(_KEY, head)
+        if found.exact is not None:
+            return len(head)
+        shorter = len(found.shorter) if found.shorter is not None else 0
+        if found.longer is not None and found.common_prefix > shorter:
+            entry = trie.get(_KEY, found.longer)
+            if can_trim_prompt_cache(entry.prompt_cache):
+                return min(len(head) - 1, int(found.common_prefix))
+        return shorter
 
     def store(
         self, tokens: Sequence[int], cache: list[Any], *, kind: str = "assistant"
@@ -185,6 +207,45 @@ class PrefixCache:
             raise PrefixCacheFileError(msg)
         self.store(tokens, cache, kind="system")
         return tokens
+
+
+def shared_prefixes(
+    prompts: Sequence[Sequence[int]], min_tokens: int
+) -> list[tuple[int, list[int]]]:
+    """Groups of two or more prompts that share at least `min_tokens` leading tokens.
+
+    Returns `(length, indices)` per group: the group's common prefix length
+    (short of every member's last token, which its own request must prefill)
+    and the members' positions in `prompts`. Groups are runs of the prompts in
+    sorted order, so each prompt is in at most one group.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = order[:1]
+    length = 0
+    for a, b in itertools.pairwise(order):
+        n = common_length(
+            prompts[a], prompts[b], min(len(prompts[a]), len(prompts[b])) - 1
+        )
+        if n >= min_tokens:
+            length = min(length, n) if len(members) > 1 else n
+            members.append(b)
+            continue
+        if len(members) > 1:
+            groups.append((length, members))
+        members = [b]
+    if len(members) > 1:
+        groups.append((length, members))
+    return groups
+
+
+def common_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`."""
+    limit = min(limit, len(a), len(b))
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def model_fingerprint(model: Any) -> str:

@@ -216,3 +216,30 @@ def test_chat_save_and_load_prompt_cache(chat: ChatMLX, tmp_path: Path) -> None:
     assert msg.usage_metadata["input_token_details"]["cache_read"] == n
     # The saved part is what every continuation shares, up to the user turn.
     assert n < chat.get_num_tokens_from_messages([system, HumanMessage("Hello")])
+
+
+def test_shared_prefixes_groups_prompts_that_start_alike() -> None:
+    from langchain_mlx._prefix_cache import common_length, shared_prefixes
+
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9, 9], [7, 7, 7], [1, 2, 3, 4, 6]]
+    assert shared_prefixes(prompts, 2) == [(3, [0, 3, 1])]
+    # A prompt's last token is never shared: its own request must prefill it.
+    assert shared_prefixes([[1, 2, 3], [1, 2, 3]], 2) == [(2, [0, 1])]
+    assert shared_prefixes([[1, 2], [3, 4], [5]], 1) == []
+    assert common_length([1, 2, 3], [1, 2, 4], 5) == 2
+    assert common_length([1, 2, 3], [1, 2, 3], 1) == 1
+
+
+def test_requests_sent_together_prefill_their_common_start_once(
+    engine: Engine, cold: Engine, loaded: tuple[Any, Any]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = ids_of(loaded, "You are an agent with tools: search, add, read. " * 4)
+    prompts = [[*shared, *ids_of(loaded, f" Branch {i} asks {i}?")] for i in range(4)]
+    alone = [run(cold, p, **SAMPLED)[0] for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: run(engine, p, **SAMPLED), prompts))
+    assert [text for text, _ in together] == alone
+    # Each branch read the shared start from the cache: it was prefilled once.
+    assert all(final.cached_tokens >= len(shared) for _, final in together)
