@@ -4,7 +4,7 @@ The constrained run follows a JSON schema whose one string field is long enough
 that both runs stop at `max_tokens`, so they generate the same number of tokens.
 Runs alternate (A B A B ...). Reports generation tokens/s of each, their ratio,
 and the time llguidance spends per token building the mask. Writes
-benchmarks/results/constraints.{json,md}.
+benchmarks/results/constraints-<model>.{json,md}.
 
     python benchmarks/bench_constraints.py [--model smollm2-135m-instruct]
 """
@@ -93,7 +93,8 @@ def main() -> None:
     }
     result["ratio"] = result["constrained_tps"] / result["free_tps"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "constraints.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"constraints-{args.model}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = (
         f"Model `{args.model}` (bf16), {args.max_tokens} generated tokens each, greedy, "
         f"median of {args.rounds} alternating rounds, {result['machine']}.\n\n"
@@ -104,7 +105,7 @@ def main() -> None:
         f"Mask computation: {result['mask_ms_per_token']:.3f} ms per token; "
         f"matcher construction: {build_ms:.1f} ms per request.\n"
     )
-    (RESULTS / "constraints.md").write_text(table)
+    (RESULTS / f"{stem}.md").write_text(table)
     print(table)
 
 

@@ -61,18 +61,34 @@ def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
 
 
-def close_objects(schema: Any) -> Any:
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
+
+
+def close_objects(schema: Any, *, close: bool = True) -> Any:
     """Objects with `properties` take only those, unless the schema says otherwise.
 
     JSON Schema allows extra keys by default; a user asking for a `Person`
     does not want the model to invent more (OpenAI's strict mode does the same).
+    Only schema-holding keywords are visited, and `allOf` branches are left open
+    (closing each branch would make their combination unsatisfiable).
     """
-    if isinstance(schema, list):
-        return [close_objects(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: close_objects(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(v) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(v, close=False) for v in out["allOf"]]
+    if close and "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 
@@ -92,9 +108,14 @@ def json_object_grammar() -> str:
 def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """JSON schema of one call `{"name": ..., "arguments": {...}}` to any of `tools`."""
     variants = []
+    from langchain_core.utils.json_schema import dereference_refs
+
     for tool in tools:
         fn = tool["function"]
         params = fn.get("parameters") or {"type": "object", "properties": {}}
+        # nested under "arguments", "#/$defs/..." would no longer resolve
+        params = dereference_refs(params) if "$defs" in json.dumps(params) else params
+        params = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
         variants.append(
             {
                 "type": "object",
@@ -143,17 +164,18 @@ class ConstraintCompiler:
             backend.to_str(), eos_token=hf_tokenizer.eos_token_id
         )
 
-    _cache: dict[int, ConstraintCompiler] = {}  # noqa: RUF012
+    _cache: dict[int, tuple[Any, ConstraintCompiler]] = {}  # noqa: RUF012
     _cache_lock = threading.Lock()
 
     @classmethod
     def for_tokenizer(cls, hf_tokenizer: Any) -> ConstraintCompiler:
         """The compiler for a tokenizer, built once (about 0.2 s)."""
         with cls._cache_lock:
-            compiler = cls._cache.get(id(hf_tokenizer))
-            if compiler is None:
+            # the value keeps the tokenizer alive, so its id cannot be reused
+            tokenizer, compiler = cls._cache.get(id(hf_tokenizer), (None, None))
+            if tokenizer is not hf_tokenizer or compiler is None:
                 compiler = cls(hf_tokenizer)
-                cls._cache[id(hf_tokenizer)] = compiler
+                cls._cache[id(hf_tokenizer)] = (hf_tokenizer, compiler)
             return compiler
 
     def check(self, grammar: str, what: str) -> None:

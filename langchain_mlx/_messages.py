@@ -44,8 +44,15 @@ class ChatTemplateError(ValueError):
     """The model's chat template cannot render the conversation."""
 
 
-def message_to_dict(message: BaseMessage) -> dict[str, Any]:
-    """Convert one LangChain message to the dict chat templates expect."""
+def message_to_dict(
+    message: BaseMessage, *, calls_as_text: bool = False
+) -> dict[str, Any]:
+    """Convert one LangChain message to the dict chat templates expect.
+
+    `calls_as_text`: write an AI message's tool calls into its content as bare
+    JSON lines (for templates that cannot render `tool_calls`; it is the format
+    the tools fallback instruction asks for), instead of dropping them.
+    """
     if isinstance(message, SystemMessage):
         out: dict[str, Any] = {"role": "system", "content": _text(message, "system")}
     elif isinstance(message, HumanMessage):
@@ -55,8 +62,16 @@ def message_to_dict(message: BaseMessage) -> dict[str, Any]:
         # A call that did not parse is still what the model said: keep its text.
         raw = [str(c.get("args") or "") for c in message.invalid_tool_calls]
         content = "\n".join(p for p in [content, *raw] if p)
+        if calls_as_text and message.tool_calls:
+            lines = [
+                json.dumps(
+                    {"name": c["name"], "arguments": c["args"]}, ensure_ascii=False
+                )
+                for c in message.tool_calls
+            ]
+            content = "\n".join(p for p in [content, *lines] if p)
         out = {"role": "assistant", "content": content}
-        if message.tool_calls:
+        if message.tool_calls and not calls_as_text:
             out["tool_calls"] = [
                 {
                     "id": call.get("id") or f"call_{i}",
@@ -112,13 +127,16 @@ def _text(message: BaseMessage, role: str) -> str:
 
 
 def messages_to_dicts(
-    messages: Sequence[BaseMessage], system_message: SystemMessage | None
+    messages: Sequence[BaseMessage],
+    system_message: SystemMessage | None,
+    *,
+    calls_as_text: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert a conversation, adding `system_message` if it has no system turn."""
     if not messages:
         msg = "the conversation is empty: pass at least one message"
         raise ValueError(msg)
-    dicts = [message_to_dict(m) for m in messages]
+    dicts = [message_to_dict(m, calls_as_text=calls_as_text) for m in messages]
     if system_message is not None and not any(d["role"] == "system" for d in dicts):
         dicts.insert(0, message_to_dict(system_message))
     return dicts
@@ -143,9 +161,24 @@ def render_text(
     *,
     system_message: SystemMessage | None = None,
     tools: Sequence[dict[str, Any]] | None = None,
+    system_suffix: str | None = None,
+    calls_as_text: bool = False,
 ) -> str:
-    """Render the conversation with the tokenizer's chat template."""
-    dicts = messages_to_dicts(messages, system_message)
+    """Render the conversation with the tokenizer's chat template.
+
+    `system_suffix` is appended to the system turn (after `system_message` is
+    applied): instructions for tools or a response schema.
+    """
+    dicts = messages_to_dicts(messages, system_message, calls_as_text=calls_as_text)
+    if system_suffix:
+        if dicts[0]["role"] == "system":
+            first = dicts[0]["content"]
+            dicts[0] = {
+                **dicts[0],
+                "content": f"{first}\n\n{system_suffix}" if first else system_suffix,
+            }
+        else:
+            dicts.insert(0, {"role": "system", "content": system_suffix})
     if not getattr(tokenizer, "chat_template", None) and not getattr(
         tokenizer, "has_chat_template", False
     ):
@@ -182,7 +215,16 @@ def render_prompt(
     *,
     system_message: SystemMessage | None = None,
     tools: Sequence[dict[str, Any]] | None = None,
+    system_suffix: str | None = None,
+    calls_as_text: bool = False,
 ) -> list[int]:
     """Render the conversation and tokenize it (the template adds special tokens)."""
-    text = render_text(tokenizer, messages, system_message=system_message, tools=tools)
+    text = render_text(
+        tokenizer,
+        messages,
+        system_message=system_message,
+        tools=tools,
+        system_suffix=system_suffix,
+        calls_as_text=calls_as_text,
+    )
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -178,6 +178,20 @@ def parse_tool_calls(
     return out
 
 
+_CALL_KEYS = frozenset({"name", "arguments", "parameters", "id", "type"})
+
+
+def _call_shaped(obj: Any, tool_names: set[str]) -> bool:
+    """A bound tool's name, or the exact shape of a call (then: unknown tool)."""
+    if not isinstance(obj, dict):
+        return False
+    name = obj.get("name")
+    if isinstance(name, str) and name in tool_names:
+        return True
+    has_args = "arguments" in obj or "parameters" in obj
+    return isinstance(name, str) and has_args and set(obj) <= _CALL_KEYS
+
+
 def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
     """Take bare JSON calls out of `text`; return what is left as content."""
     decoder = json.JSONDecoder()
@@ -194,15 +208,17 @@ def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
         try:
             obj, j = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
+            if not any(f'"{name}"' in text[i:] for name in tool_names):
+                kept.append(text[pos:])  # broken JSON, but no call to our tools
+                return "".join(kept)
             kept.append(text[pos:i])
             out.invalid_tool_calls.append(
                 _invalid(text[i:].strip(), f"malformed tool call JSON: {e}")
             )
             return "".join(kept)
         items = obj if isinstance(obj, list) else [obj]
-        names = [o.get("name") for o in items if isinstance(o, dict)]
-        if not any(n in tool_names for n in names):
-            kept.append(text[pos:j])  # JSON that is not a call to our tools
+        if not any(_call_shaped(o, tool_names) for o in items):
+            kept.append(text[pos:j])  # JSON that is not a tool call
         else:
             kept.append(text[pos:i])
             _add(out, obj, text[i:j], tool_names)
@@ -275,6 +291,8 @@ class ChunkAssembler:
         end: str | None = None,
         parser: Callable[[str, Any], Any] | None = None,
         reasoning: ReasoningSplitter | None = None,
+        tools: Any = None,
+        parallel: bool | None = None,
     ) -> None:
         self.model_name = model_name
         self._reasoning = reasoning
@@ -282,6 +300,9 @@ class ChunkAssembler:
         self._start, self._end, self._parser = start, end, parser
         triggers = [t for t in (start, "{") if t]
         self._holdback = StopMatcher(triggers) if tool_names else None
+        self._raw_invalid = ""
+        self._tools = tools
+        self._parallel = parallel
         self.parsed: ParsedOutput | None = None
         """The tool-call parse of the held-back text (set by the last chunk)."""
 
@@ -301,8 +322,27 @@ class ChunkAssembler:
                 start=self._start,
                 end=self._end,
                 parser=self._parser,
+                tools=self._tools,
             )
+            if self._parallel is False and len(self.parsed.tool_calls) > 1:
+                first, *extra = self.parsed.tool_calls
+                self.parsed.tool_calls = [first]
+                self.parsed.invalid_tool_calls += [
+                    _invalid(
+                        json.dumps({"name": c["name"], "arguments": c["args"]}),
+                        "parallel_tool_calls=False: only the first call is kept",
+                        c["name"],
+                    )
+                    for c in extra
+                ]
             content += self.parsed.content
+            # Streaming consumers merge chunks themselves (core turns raw args
+            # into "valid" partial JSON), so a call that did not parse travels as
+            # text; `finish` moves it to `invalid_tool_calls` for invoke.
+            self._raw_invalid = "".join(
+                f"\n{c['args']}" for c in self.parsed.invalid_tool_calls if c["args"]
+            )
+            content += self._raw_invalid
             tool_call_chunks = [
                 tool_call_chunk(
                     name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
@@ -338,6 +378,13 @@ class ChunkAssembler:
         if self.parsed is not None and isinstance(message, AIMessage):
             message.tool_calls = list(self.parsed.tool_calls)
             message.invalid_tool_calls = list(self.parsed.invalid_tool_calls)
+            if isinstance(message.content, str):
+                content = message.content
+                if self._raw_invalid and content.endswith(self._raw_invalid):
+                    content = content[: -len(self._raw_invalid)]
+                if self.parsed.tool_calls or self.parsed.invalid_tool_calls:
+                    content = _EMPTY_FENCE.sub("", content)
+                message.content = content.strip()
 
 
 def _text_chunk(thought: str, text: str) -> AIMessageChunk | None:

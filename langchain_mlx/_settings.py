@@ -27,7 +27,9 @@ _REMOVED = {
         "(chat.stream / llm.stream) and format the chunks yourself"
     ),
 }
-_IGNORED = {"verbose"}  # community flag that printed to stdout; we log instead
+# community flag that made mlx-lm print to stdout; the library logs instead
+# (response_metadata carries the speeds it printed)
+_IGNORED = {"verbose"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,27 @@ class GenerationSettings:
         return updated
 
     def validate(self) -> None:
-        """Raise ValueError for values mlx-lm would misbehave on."""
+        """Raise TypeError/ValueError for values mlx-lm would misbehave on."""
+        for name in (
+            "max_tokens",
+            "top_k",
+            "min_tokens_to_keep",
+            "repetition_context_size",
+        ):
+            _require_int(name, getattr(self, name))
+        if self.seed is not None:
+            _require_int("seed", self.seed)
+        for name in ("temperature", "top_p", "min_p"):
+            _require_number(name, getattr(self, name))
+        for name in ("repetition_penalty", "timeout"):
+            if getattr(self, name) is not None:
+                _require_number(name, getattr(self, name))
+        if self.min_tokens_to_keep < 1 or self.repetition_context_size < 1:
+            msg = (
+                "min_tokens_to_keep and repetition_context_size must be >= 1, got "
+                f"{self.min_tokens_to_keep!r} and {self.repetition_context_size!r}"
+            )
+            raise ValueError(msg)
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             msg = f"temperature must be a finite number >= 0, got {self.temperature!r}"
             raise ValueError(msg)
@@ -120,3 +142,15 @@ def _as_stop_tuple(stop: str | Sequence[str]) -> tuple[str, ...]:
         msg = f"stop must be a string or a list of strings, got {stop!r}"
         raise TypeError(msg)
     return tuple(stop)
+
+
+def _require_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)
+
+
+def _require_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number, got {value!r} ({type(value).__name__})"
+        raise TypeError(msg)

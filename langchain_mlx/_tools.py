@@ -40,11 +40,13 @@ class CallPlan:
     parse_tools: bool
     """Whether generated text is searched for tool calls."""
     tool_names: frozenset[str]
+    parallel: bool | None
+    """`parallel_tool_calls` as bound (False keeps only the first parsed call)."""
     call_format: ToolCallFormat
     parser: Callable[[str, Any], Any] | None
 
 
-_RENDERS_TOOLS: dict[int, bool] = {}
+_RENDERS_TOOLS: dict[int, tuple[Any, bool]] = {}  # id -> (tokenizer, answer)
 _LOCK = threading.Lock()
 
 
@@ -52,8 +54,9 @@ def template_renders_tools(tokenizer: Any) -> bool:
     """Whether the chat template shows `tools` to the model (cached per tokenizer)."""
     key = id(tokenizer)
     with _LOCK:
-        if key in _RENDERS_TOOLS:
-            return _RENDERS_TOOLS[key]
+        known, answer = _RENDERS_TOOLS.get(key, (None, False))
+        if known is tokenizer:  # holding the tokenizer keeps its id from reuse
+            return answer
     probe = {
         "type": "function",
         "function": {
@@ -70,7 +73,7 @@ def template_renders_tools(tokenizer: Any) -> bool:
     except Exception:  # a template that chokes on tools does not render them
         renders = False
     with _LOCK:
-        _RENDERS_TOOLS[key] = renders
+        _RENDERS_TOOLS[key] = (tokenizer, renders)
     return renders
 
 
@@ -129,6 +132,8 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
             return "required"
         if tool_choice.get("type") == "auto":
             return None
+        if tool_choice.get("type") == "none":
+            return "none"
     else:
         name = tool_choice
     if not isinstance(name, str) or name not in names:
@@ -145,7 +150,7 @@ def plan_call(
     tools: Sequence[dict[str, Any]] | None,
     tool_choice: Any,
     parallel_tool_calls: bool | None,
-    response_format: dict[str, Any] | None,
+    response_format: Any,
 ) -> CallPlan:
     """Decide rendering, constraint and parsing for one call."""
     tools = list(tools or [])
@@ -180,6 +185,8 @@ def plan_call(
             )
             grammar = tool_call_grammar(chosen, fmt, parallel=bool(parallel_tool_calls))
             what = f"a call to {', '.join(t['function']['name'] for t in chosen)}"
+    if isinstance(response_format, dict) and response_format.get("type") == "text":
+        response_format = None  # OpenAI's explicit "no format"
     if response_format is not None:
         if grammar is not None:
             msg = "use either a forced tool call or response_format, not both"
@@ -195,12 +202,25 @@ def plan_call(
         grammar_what=what,
         parse_tools=active,
         tool_names=frozenset(names),
+        parallel=parallel_tool_calls,
         call_format=ToolCallFormat(start, end),
         parser=parser,
     )
 
 
-def _response_grammar(response_format: dict[str, Any]) -> tuple[str, str, str]:
+def _response_grammar(response_format: Any) -> tuple[str, str, str]:
+    if not isinstance(response_format, dict):  # a pydantic class, TypedDict, ...
+        from langchain_core.utils.function_calling import convert_to_json_schema
+
+        try:
+            schema = convert_to_json_schema(response_format)
+        except Exception as e:
+            msg = (
+                "response_format must be a dict ({'type': 'json_schema', ...} or "
+                f"{{'type': 'json_object'}}) or a schema class; got {response_format!r}"
+            )
+            raise TypeError(msg) from e
+        response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
     kind = response_format.get("type")
     if kind == "json_object":
         return json_object_grammar(), "a JSON object", "Answer with a JSON object."

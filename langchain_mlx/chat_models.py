@@ -55,7 +55,7 @@ from langchain_mlx._messages import render_prompt
 from langchain_mlx._models import DEFAULT_MODEL
 from langchain_mlx._output import ChunkAssembler, ReasoningSplitter
 from langchain_mlx._settings import canonical_settings
-from langchain_mlx._tools import plan_call
+from langchain_mlx._tools import CallPlan, plan_call, template_renders_tools
 from langchain_mlx.llms import EngineFields, MLXPipeline
 
 DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful, and honest assistant."""
@@ -227,6 +227,12 @@ class ChatMLX(BaseChatModel, EngineFields):
     def _load(self) -> Self:
         if self.llm is None:
             self.llm = MLXPipeline.from_model_id(self.model or DEFAULT_MODEL)
+        elif self.model is not None and self.model != self.llm.model_id:
+            msg = (
+                f"model={self.model!r} but llm runs {self.llm.model_id!r}: pass one "
+                "of them (model= to load a model, or llm= for a loaded pipeline)"
+            )
+            raise ValueError(msg)
         if self.model is None:
             self.model = self.llm.model_id
         if self.tokenizer is None:
@@ -310,12 +316,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         ).with_overrides(canonical_settings(per_call, where="ChatMLX call"))
         if stop is not None:
             settings = settings.with_overrides({"stop": stop})
-        ids = render_prompt(
-            tokenizer,
-            _with_system_text(messages, plan.system_instructions),
-            system_message=self.system_message,
-            tools=plan.template_tools,
-        )
+        ids = self._render(tokenizer, messages, plan)
         processors = []
         if plan.grammar is not None:
             compiler = ConstraintCompiler.for_tokenizer(_hf_tokenizer(tokenizer))
@@ -327,12 +328,27 @@ class ChatMLX(BaseChatModel, EngineFields):
             start=plan.call_format.start,
             end=plan.call_format.end,
             parser=plan.parser,
-            reasoning=_reasoning_splitter(tokenizer, ids),
+            # constrained output is the answer, never reasoning
+            reasoning=None if plan.grammar else _reasoning_splitter(tokenizer, ids),
+            tools=plan.template_tools,
+            parallel=plan.parallel,
         )
         request = Request(
             prompt_ids=ids, settings=settings, logits_processors=processors
         )
         return engine, request, assembler
+
+    def _render(
+        self, tokenizer: Any, messages: list[BaseMessage], plan: CallPlan
+    ) -> list[int]:
+        return render_prompt(
+            tokenizer,
+            messages,
+            system_message=self.system_message,
+            tools=plan.template_tools,
+            system_suffix=plan.system_instructions,
+            calls_as_text=not template_renders_tools(tokenizer),
+        )
 
     def _run(
         self,
@@ -360,7 +376,11 @@ class ChatMLX(BaseChatModel, EngineFields):
         kwargs: dict[str, Any],
         turn: list[ChunkAssembler],
     ) -> AsyncIterator[ChatGenerationChunk]:
-        engine, request, assembler = self._prepare(messages, stop, kwargs)
+        # rendering, grammar compilation (and a `model=` load) are CPU work:
+        # keep them off the event loop
+        engine, request, assembler = await asyncio.to_thread(
+            self._prepare, messages, stop, kwargs
+        )
         turn.append(assembler)
         async for event in engine.submit(request, loop=asyncio.get_running_loop()):
             if (message := assembler.chunk(event)) is None:
@@ -573,16 +593,10 @@ class ChatMLX(BaseChatModel, EngineFields):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool]
         | None = None,
     ) -> int:
-        """Exact prompt length: the conversation rendered by the chat template."""
+        """Exact prompt length: the conversation rendered as a call would render it."""
         formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
-        return len(
-            render_prompt(
-                self.tokenizer,
-                messages,
-                system_message=self.system_message,
-                tools=formatted,
-            )
-        )
+        plan = plan_call(self.tokenizer, formatted, None, None, None)
+        return len(self._render(self.tokenizer, messages, plan))
 
 
 def _reasoning_splitter(
@@ -597,18 +611,7 @@ def _reasoning_splitter(
 
 
 def _hf_tokenizer(tokenizer: Any) -> Any:
-    """The Hugging Face tokenizer inside mlx-lm's `TokenizerWrapper`."""
+    """The Hugging Face tokenizer (unwrapping mlx-lm's `TokenizerWrapper`)."""
+    if hasattr(tokenizer, "backend_tokenizer"):  # already a fast HF tokenizer
+        return tokenizer
     return getattr(tokenizer, "_tokenizer", tokenizer)
-
-
-def _with_system_text(
-    messages: list[BaseMessage], text: str | None
-) -> list[BaseMessage]:
-    """Append instructions to the conversation's system turn (or add one)."""
-    if not text:
-        return messages
-    if messages and isinstance(messages[0], SystemMessage):
-        first = messages[0]
-        merged = f"{first.text}\n\n{text}" if first.text else text
-        return [SystemMessage(merged), *messages[1:]]
-    return [SystemMessage(text), *messages]

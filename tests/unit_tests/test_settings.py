@@ -52,3 +52,20 @@ def test_stop_accepts_a_string_or_list() -> None:
     assert GenerationSettings().with_overrides({"stop": ["a", "b"]}).stop == ("a", "b")
     with pytest.raises(TypeError):
         GenerationSettings().with_overrides({"stop": [1]})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_tokens": 2.5},
+        {"max_tokens": True},
+        {"top_k": 1.5},
+        {"seed": "abc"},
+        {"temperature": "0.7"},
+        {"repetition_context_size": 1.0},
+    ],
+)
+def test_wrong_types_are_rejected_with_the_setting_named(bad: dict) -> None:
+    name = next(iter(bad))
+    with pytest.raises(TypeError, match=name):
+        GenerationSettings().with_overrides(bad)
