@@ -17,7 +17,7 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
 )
 from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
@@ -119,6 +119,12 @@ class MLXPipeline(LLM, EngineFields):
         else:
             if self.tokenizer is None:
                 msg = "`tokenizer` is required when `model` is given"
+                raise ValueError(msg)
+            if self.adapter_file or self.lazy or self.tokenizer_config:
+                msg = (
+                    "adapter_file, lazy and tokenizer_config apply when loading from "
+                    "model_id; with a loaded model, pass them to mlx_lm.load yourself"
+                )
                 raise ValueError(msg)
             self._engine = Engine.for_objects(
                 self.model, self.tokenizer, name=self.model_id
@@ -248,6 +254,34 @@ class MLXPipeline(LLM, EngineFields):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        # The stream, combined: keeps finish_reason, usage and speeds.
+        return LLMResult(
+            generations=[
+                [_combine(list(self._stream(p, stop, run_manager, **kwargs)))]
+                for p in prompts
+            ]
+        )
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations = []
+        for p in prompts:
+            chunks = [c async for c in self._astream(p, stop, run_manager, **kwargs)]
+            generations.append([_combine(chunks)])
+        return LLMResult(generations=generations)
+
     def _call(
         self,
         prompt: str,
@@ -255,24 +289,20 @@ class MLXPipeline(LLM, EngineFields):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        return "".join(
-            c.text for c in self._stream(prompt, stop, run_manager, **kwargs)
+        return (
+            self._generate([prompt], stop, run_manager, **kwargs).generations[0][0].text
         )
-
-    async def _acall(
-        self,
-        prompt: str,
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> str:
-        parts = [
-            c.text async for c in self._astream(prompt, stop, run_manager, **kwargs)
-        ]
-        return "".join(parts)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of `text` under this model's tokenizer."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _combine(chunks: list[GenerationChunk]) -> Generation:
+    text = "".join(c.text for c in chunks)
+    info = next(
+        (c.generation_info for c in reversed(chunks) if c.generation_info), None
+    )
+    return Generation(text=text, generation_info=info)

@@ -311,3 +311,14 @@ def test_template_without_system_role_gets_it_merged(tiny_model_path: str) -> No
         text
         == "<start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     )
+
+
+async def test_pipeline_generate_keeps_finish_reason_and_usage(
+    tiny_model_path: str,
+) -> None:
+    llm = MLXPipeline.from_model_id(tiny_model_path, pipeline_kwargs={"max_tokens": 4})
+    for result in (llm.generate(["Hi"]), await llm.agenerate(["Hi"])):
+        info = result.generations[0][0].generation_info
+        assert info["finish_reason"] == "length"
+        assert info["usage"]["output_tokens"] == 4
+    assert isinstance(llm.invoke("Hi"), str)
