@@ -50,7 +50,17 @@ def setup() -> None:
     extra = f"[{backend}]" if backend else ""
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     sh(*pip, "--upgrade", "pip>=25.1")  # for --group (PEP 735 dependency groups)
-    sh(*pip, "-e", f".{extra}", "--group", "test", "--group", "lint")
+    sh(
+        *pip,
+        "-e",
+        f".{extra}",
+        "--group",
+        "test",
+        "--group",
+        "lint",
+        "--group",
+        "bench",
+    )
     STAMP.write_text(spec)
 
 
@@ -64,13 +74,29 @@ def main() -> int:
     if command == "chat":
         return subprocess.call([str(BIN / "langchain-mlx"), "chat", *rest], cwd=ROOT)
     if command == "test":
-        sh(PY, "-m", "ruff", "check", "langchain_mlx", "tests", "benchmarks", "examples")
+        sh(
+            PY,
+            "-m",
+            "ruff",
+            "check",
+            "langchain_mlx",
+            "tests",
+            "benchmarks",
+            "examples",
+        )
         sh(PY, "-m", "mypy")
         return subprocess.call(
             [str(PY), "-m", "pytest", "-q", "-rs", "--durations=15", *rest], cwd=ROOT
         )
     if command == "bench":
-        sh(PY, "benchmarks/bench_stream.py", *rest)
+        for script in (
+            "bench_stream.py",
+            "bench_constraints.py",
+            "bench_agent_loop.py",
+            "bench_concurrency.py",
+        ):
+            sh(PY, f"benchmarks/{script}", *rest)
+        sh(PY, "benchmarks/update_readme.py")
     return 0
 
 
