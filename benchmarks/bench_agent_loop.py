@@ -7,9 +7,12 @@ and its result (a ToolMessage). Each step sends the whole history, as LangGraph
 does, and generates 16 tokens (greedy); the history is about 1,000 tokens by
 the last step. The calls are the same in every mode, so the replies must be too.
 
-Modes, in one run: ChatMLX with its prefix cache, ChatMLX with it off
-(`prefix_cache_entries=0`), and the same model folder served by `mlx_lm.server`
-(its own LRU prompt cache) called through langchain-openai's `ChatOpenAI`.
+Modes, in one run: ChatMLX with its prefix cache, starting cold; the same
+after loading the system prompt's KV state from a file (`save_prompt_cache`,
+as a later process of the same app would); ChatMLX with the cache off
+(`prefix_cache_entries=0`); and the same model folder served by
+`mlx_lm.server` (its own LRU prompt cache, starting cold) called through
+langchain-openai's `ChatOpenAI`.
 Writes benchmarks/results/agent_loop.{json,md}.
 
     python benchmarks/bench_agent_loop.py [--model smollm2-135m-instruct] [--no-server]
@@ -18,8 +21,10 @@ Writes benchmarks/results/agent_loop.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -116,32 +121,34 @@ def conversation(step: int) -> list[BaseMessage]:
     return messages
 
 
-def run_loop(model: Any) -> dict[str, Any]:
-    """Run the six steps on a chat model; time them and count prompt tokens."""
-    steps = []
-    start = time.perf_counter()
+def run_loops(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run the steps on each chat model in lockstep (step 1 on every model, then
+    step 2, ...), so a drift in the machine's speed hits them alike."""
+    steps: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for step in range(len(ROUNDS) + 1):
-        t = time.perf_counter()
-        reply = model.invoke(conversation(step))
-        usage = reply.usage_metadata or {}
-        details = usage.get("input_token_details") or {}
-        steps.append(
-            {
-                "seconds": time.perf_counter() - t,
-                "prompt_tokens": usage.get("input_tokens", 0),
-                "cached_tokens": details.get("cache_read", 0),
-                "reply": str(reply.content),
-            }
-        )
-    total = time.perf_counter() - start
-    sent = sum(s["prompt_tokens"] for s in steps)
-    cached = sum(s["cached_tokens"] for s in steps)
-    return {
-        "seconds": total,
-        "prompt_tokens_sent": sent,
-        "prompt_tokens_processed": sent - cached,
-        "steps": steps,
-    }
+        for name, model in models.items():
+            t = time.perf_counter()
+            reply = model.invoke(conversation(step))
+            usage = reply.usage_metadata or {}
+            details = usage.get("input_token_details") or {}
+            steps[name].append(
+                {
+                    "seconds": time.perf_counter() - t,
+                    "prompt_tokens": usage.get("input_tokens", 0),
+                    "cached_tokens": details.get("cache_read", 0),
+                    "reply": str(reply.content),
+                }
+            )
+    out = {}
+    for name, rows in steps.items():
+        sent = sum(s["prompt_tokens"] for s in rows)
+        out[name] = {
+            "seconds": sum(s["seconds"] for s in rows),
+            "prompt_tokens_sent": sent,
+            "prompt_tokens_processed": sent - sum(s["cached_tokens"] for s in rows),
+            "steps": rows,
+        }
+    return out
 
 
 def main() -> None:
@@ -156,21 +163,28 @@ def main() -> None:
     chat.invoke("Hi", max_tokens=2)  # warm-up (first-call compilation)
     modes: dict[str, dict[str, Any]] = {}
 
-    engine.clear_prefix_cache()
-    print("ChatMLX, prefix cache ...", flush=True)
-    modes["ChatMLX, prefix cache"] = run_loop(chat)
+    with contextlib.ExitStack() as stack:
+        models = {"ChatMLX, prefix cache": chat}
+        if not args.no_server:
+            from _peer import chat_openai, mlx_lm_server
+
+            base_url = stack.enter_context(mlx_lm_server(path))
+            peer = chat_openai(base_url, temperature=0.0, max_tokens=MAX_TOKENS)
+            peer.invoke("Hi", max_tokens=2)  # the same warm-up
+            models["mlx_lm.server + ChatOpenAI"] = peer
+        print(f"{' and '.join(models)}, in lockstep ...", flush=True)
+        modes.update(run_loops(models))
+    with tempfile.TemporaryDirectory() as folder:
+        saved = chat.save_prompt_cache(Path(folder) / "system", [SystemMessage(SYSTEM)])
+        engine.clear_prefix_cache()  # as a new process that loads the file
+        chat.load_prompt_cache(Path(folder) / "system")
+        name = "ChatMLX, prefix cache + system prompt loaded from disk"
+        print(f"{name} ({saved} tokens) ...", flush=True)
+        modes.update(run_loops({name: chat}))
     engine.configure(prefix_cache_entries=0)
     print("ChatMLX, no cache ...", flush=True)
-    modes["ChatMLX, no cache"] = run_loop(chat)
+    modes.update(run_loops({"ChatMLX, no cache": chat}))
     engine.configure(prefix_cache_entries=10)
-    if not args.no_server:
-        from _peer import chat_openai, mlx_lm_server
-
-        with mlx_lm_server(path) as base_url:
-            peer = chat_openai(base_url, temperature=0.0, max_tokens=MAX_TOKENS)
-            peer.invoke("Hi", max_tokens=2)  # warm-up
-            print("mlx_lm.server + ChatOpenAI ...", flush=True)
-            modes["mlx_lm.server + ChatOpenAI"] = run_loop(peer)
 
     cached, cold = modes["ChatMLX, prefix cache"], modes["ChatMLX, no cache"]
     result = {
@@ -199,7 +213,8 @@ def main() -> None:
         f"Agent loop: {result['steps']} steps of a tool-using conversation "
         f"({result['last_prompt_tokens']} prompt tokens at the last step), "
         f"{MAX_TOKENS} generated tokens per step, greedy; model `{args.model}` "
-        f"(bf16), {result['machine']}, one run.\n\n"
+        f"(bf16), {result['machine']}, one run (ChatMLX and the server in lockstep, "
+        "step by step).\n\n"
         "| mode | wall time | prompt tokens sent | prompt tokens processed "
         "| speed-up vs no cache |\n|---|---|---|---|---|\n"
         f"{rows}\n"

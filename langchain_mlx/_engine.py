@@ -332,6 +332,8 @@ class Engine:
             )
             raise ValueError(msg)
         changes = {k: v for k, v in options.items() if v is not None}
+        if not changes:
+            return
         with self._lock:
             updated = replace(self._options, **changes)
             updated.validate()

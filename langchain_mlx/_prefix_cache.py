@@ -97,12 +97,18 @@ class PrefixCache:
         Returns the cache (`None` when nothing is reusable) and how many of the
         prompt's leading tokens it holds; that count is below ``len(prompt)``.
         """
-        if not self.enabled or len(prompt) < 2:
+        import copy
+
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        stored, cached = self._nearest(prompt)
+        if stored is None or cached <= 0:
+            self.misses += 1
             return None, 0
-        head = list(prompt[:-1])
-        cache, rest = self._lru.fetch_nearest_cache(_KEY, head)
-        cached = len(head) - len(rest)
-        if cache is None or cached <= 0 or not _holds(cache, cached):
+        cache = copy.deepcopy(self._lru._trie.get(_KEY, stored).prompt_cache)
+        if len(stored) > cached:
+            trim_prompt_cache(cache, len(stored) - cached)
+        if not _holds(cache, cached):
             self.misses += 1
             return None, 0
         self.hits += 1
@@ -111,21 +117,40 @@ class PrefixCache:
 
     def reusable(self, prompt: Sequence[int]) -> int:
         """How many leading tokens of `prompt` `fetch` would reuse (no copy made)."""
+        return self._nearest(prompt)[1]
+
+    def _nearest(self, prompt: Sequence[int]) -> tuple[list[int] | None, int]:
+        """The stored sequence to start `prompt` from, and how many tokens of it.
+
+        As `LRUPromptCache.fetch_nearest_cache`, but one prompt token is always
+        left to prefill: a stored copy of the whole prompt is trimmed by one, or
+        (when it cannot be trimmed) a shorter stored prefix is used.
+        """
         from mlx_lm.models.cache import can_trim_prompt_cache
 
         if not self.enabled or len(prompt) < 2:
-            return 0
-        head = list(prompt[:-1])
+            return None, 0
         trie = self._lru._trie  # LRUPromptCache's own index (mlx-lm 0.32)
-        found = trie.search(_KEY, head)
+        tokens = list(prompt)
+
+        def trimmable(stored: list[int]) -> bool:
+            return bool(can_trim_prompt_cache(trie.get(_KEY, stored).prompt_cache))
+
+        found = trie.search(_KEY, tokens)
         if found.exact is not None:
-            return len(head)
-        shorter = len(found.shorter) if found.shorter is not None else 0
-        if found.longer is not None and found.common_prefix > shorter:
-            entry = trie.get(_KEY, found.longer)
-            if can_trim_prompt_cache(entry.prompt_cache):
-                return min(len(head) - 1, int(found.common_prefix))
-        return shorter
+            if trimmable(tokens):
+                return tokens, len(tokens) - 1
+            found = trie.search(_KEY, tokens[:-1])
+            if found.exact is not None:
+                return tokens[:-1], len(tokens) - 1
+        shorter = found.shorter or []
+        if (
+            found.longer is not None
+            and found.common_prefix > len(shorter)
+            and trimmable(found.longer)
+        ):
+            return found.longer, min(len(tokens) - 1, int(found.common_prefix))
+        return (shorter, len(shorter)) if shorter else (None, 0)
 
     def store(
         self, tokens: Sequence[int], cache: list[Any], *, kind: str = "assistant"

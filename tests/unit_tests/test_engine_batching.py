@@ -36,22 +36,30 @@ def settings(i: int, **overrides: Any) -> GenerationSettings:
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_path: str) -> tuple[Any, Any]:
+def make_engine(tiny_model_path: str) -> Iterator[Callable[..., Engine]]:
+    """Fresh engines on one loaded tiny model; all closed after the module."""
     from mlx_lm import load
 
-    return load(tiny_model_path)
+    model, tokenizer = load(tiny_model_path)
+    made: list[Engine] = []
+
+    def make(name: str = "tiny-batching", **options: Any) -> Engine:
+        made.append(Engine(model, tokenizer, name=name, **options))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
 
 
 @pytest.fixture
-def engine(model_and_tokenizer: tuple[Any, Any]) -> Iterator[Engine]:
-    eng = Engine(*model_and_tokenizer, name="tiny-batching")
-    yield eng
-    eng.close()
+def engine(make_engine: Callable[..., Engine]) -> Engine:
+    return make_engine()
 
 
 @pytest.fixture
-def prompts(model_and_tokenizer: tuple[Any, Any]) -> list[list[int]]:
-    tokenizer = model_and_tokenizer[1]
+def prompts(engine: Engine) -> list[list[int]]:
+    tokenizer = engine.tokenizer
     return [
         list(tokenizer.encode(f"Request {i}: tell me about topic {i * 7}."))
         for i in range(8)
@@ -213,43 +221,37 @@ def test_a_failing_processor_or_timeout_fails_only_its_request(
 
 
 def test_beyond_the_queue_submit_raises_a_clear_error(
-    model_and_tokenizer: tuple[Any, Any], prompts: list[list[int]]
+    make_engine: Callable[..., Engine], prompts: list[list[int]]
 ) -> None:
     options = EngineOptions(max_batch_size=1, max_queue=1)
-    engine = Engine(*model_and_tokenizer, name="tiny-small", options=options)
-    try:
-        endless = Request(prompts[0], settings(0, max_tokens=100_000))
-        running, waiting = engine.submit(endless), engine.submit(endless)
-        with pytest.raises(EngineOverloadedError, match=r"max_queue=1 waiting"):
-            engine.submit(endless)
-        running.cancel()
-        waiting.cancel()
-        wait_for(lambda: engine.finished["cancelled"] == 2)
-        assert solo(engine, Request(prompts[1], settings(1, max_tokens=2)))
-    finally:
-        engine.close()
+    engine = make_engine("tiny-small", options=options)
+    endless = Request(prompts[0], settings(0, max_tokens=100_000))
+    running, waiting = engine.submit(endless), engine.submit(endless)
+    with pytest.raises(EngineOverloadedError, match=r"max_queue=1 waiting"):
+        engine.submit(endless)
+    running.cancel()
+    waiting.cancel()
+    wait_for(lambda: engine.finished["cancelled"] == 2)
+    assert solo(engine, Request(prompts[1], settings(1, max_tokens=2)))
 
 
 def test_models_that_cannot_batch_serve_one_at_a_time(
-    model_and_tokenizer: tuple[Any, Any], prompts: list[list[int]]
+    make_engine: Callable[..., Engine], prompts: list[list[int]]
 ) -> None:
-    engine = Engine(*model_and_tokenizer, name="tiny-serial", batched=False)
-    try:
-        requests = [Request(p, settings(i)) for i, p in enumerate(prompts[:4])]
-        alone = [solo(engine, r) for r in requests]
-        with ThreadPoolExecutor(4) as pool:
-            assert list(pool.map(lambda r: solo(engine, r), requests)) == alone
-        assert engine.largest_batch == 1
-        turn2 = Request([*prompts[0], *prompts[1]], settings(0))
-        final = list(engine.submit(turn2))[-1]
-        assert isinstance(final, Final)
-        assert final.cached_tokens == len(prompts[0])
-        handle = iter(engine.submit(Request(prompts[5], settings(5, max_tokens=5000))))
-        next(handle)
-        handle.close()
-        wait_for(lambda: engine.finished["cancelled"] == 1)
-    finally:
-        engine.close()
+    engine = make_engine("tiny-serial", batched=False)
+    requests = [Request(p, settings(i)) for i, p in enumerate(prompts[:4])]
+    alone = [solo(engine, r) for r in requests]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda r: solo(engine, r), requests)) == alone
+    assert engine.largest_batch == 1
+    turn2 = Request([*prompts[0], *prompts[1]], settings(0))
+    final = list(engine.submit(turn2))[-1]
+    assert isinstance(final, Final)
+    assert final.cached_tokens == len(prompts[0])
+    handle = iter(engine.submit(Request(prompts[5], settings(5, max_tokens=5000))))
+    next(handle)
+    handle.close()
+    wait_for(lambda: engine.finished["cancelled"] == 1)
 
 
 async def test_chat_astreams_match_solo_and_one_is_abandoned(
