@@ -66,17 +66,19 @@ def main() -> None:
     settings = chat.llm.default_settings.with_overrides(  # type: ignore[union-attr]
         {"max_tokens": args.max_tokens, "temperature": 0.0}
     )
-    compiler = ConstraintCompiler.for_tokenizer(chat.tokenizer._tokenizer)
+    compiler = ConstraintCompiler.for_tokenizer(chat.tokenizer)
     grammar = json_schema_grammar(SCHEMA)
     tic = time.perf_counter()
-    compiler.processor(grammar)
+    compiler.processor(grammar, "the story schema")
     build_ms = 1000 * (time.perf_counter() - tic)
 
     run(engine, ids, settings)  # warm-up
     free, constrained = [], []
     for _ in range(args.rounds):
         free.append(run(engine, ids, settings))
-        constrained.append(run(engine, ids, settings, compiler.processor(grammar)))
+        constrained.append(
+            run(engine, ids, settings, compiler.processor(grammar, "the story schema"))
+        )
 
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rows)

@@ -168,8 +168,14 @@ class ConstraintCompiler:
     _cache_lock = threading.Lock()
 
     @classmethod
-    def for_tokenizer(cls, hf_tokenizer: Any) -> ConstraintCompiler:
-        """The compiler for a tokenizer, built once (about 0.2 s)."""
+    def for_tokenizer(cls, tokenizer: Any) -> ConstraintCompiler:
+        """The compiler for a tokenizer, built once (about 0.2 s).
+
+        Takes a Hugging Face fast tokenizer or mlx-lm's `TokenizerWrapper`.
+        """
+        hf_tokenizer = tokenizer
+        if not hasattr(tokenizer, "backend_tokenizer"):  # unwrap TokenizerWrapper
+            hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
         with cls._cache_lock:
             # the value keeps the tokenizer alive, so its id cannot be reused
             tokenizer, compiler = cls._cache.get(id(hf_tokenizer), (None, None))
@@ -184,15 +190,19 @@ class ConstraintCompiler:
 
         error = LLMatcher.validate_grammar(grammar, self.lltokenizer)
         if error and not error.startswith("WARNING"):
-            msg = (
-                f"{what} cannot be enforced by the grammar compiler: {error}. "
-                "Simplify the schema (drop or replace that keyword) and try again."
-            )
-            raise UnsupportedSchemaError(msg)
+            raise _unsupported(what, error)
 
-    def processor(self, grammar: str) -> GrammarLogitsProcessor:
+    def processor(self, grammar: str, what: str) -> GrammarLogitsProcessor:
         """A fresh, single-use logits processor for one generation."""
-        return GrammarLogitsProcessor(self.lltokenizer, grammar)
+        return GrammarLogitsProcessor(self.lltokenizer, grammar, what)
+
+
+def _unsupported(what: str, error: str) -> UnsupportedSchemaError:
+    msg = (
+        f"{what} cannot be enforced by the grammar compiler: {error}. "
+        "Simplify the schema (drop or replace that keyword) and try again."
+    )
+    return UnsupportedSchemaError(msg)
 
 
 class GrammarLogitsProcessor:
@@ -203,7 +213,9 @@ class GrammarLogitsProcessor:
     mask is computed.
     """
 
-    def __init__(self, lltokenizer: Any, grammar: str) -> None:
+    def __init__(
+        self, lltokenizer: Any, grammar: str, what: str = "the grammar"
+    ) -> None:
         import numpy as np
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
@@ -211,7 +223,7 @@ class GrammarLogitsProcessor:
         self._np = np
         self._matcher = LLMatcher(lltokenizer, grammar)
         if self._matcher.is_error():
-            raise UnsupportedSchemaError(self._matcher.get_error())
+            raise _unsupported(what, self._matcher.get_error())
         self._n_vocab = int(lltokenizer.vocab_size)
         self._bitmask = allocate_token_bitmask(1, self._n_vocab)
         self._started = False

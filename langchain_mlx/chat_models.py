@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,20 +31,10 @@ from langchain_core.language_models.chat_models import (
     generate_from_stream,
 )
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.output_parsers import (
-    JsonOutputKeyToolsParser,
-    JsonOutputParser,
-    PydanticOutputParser,
-    PydanticToolsParser,
-)
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import (
-    convert_to_json_schema,
-    convert_to_openai_tool,
-)
-from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
@@ -55,6 +44,12 @@ from langchain_mlx._messages import render_prompt
 from langchain_mlx._models import DEFAULT_MODEL
 from langchain_mlx._output import ChunkAssembler, ReasoningSplitter
 from langchain_mlx._settings import canonical_settings
+from langchain_mlx._structured import (
+    check_method,
+    output_parser,
+    response_format_for,
+    with_raw,
+)
 from langchain_mlx._tools import CallPlan, plan_call, template_renders_tools
 from langchain_mlx.llms import EngineFields, MLXPipeline
 
@@ -319,9 +314,8 @@ class ChatMLX(BaseChatModel, EngineFields):
         ids = self._render(tokenizer, messages, plan)
         processors = []
         if plan.grammar is not None:
-            compiler = ConstraintCompiler.for_tokenizer(_hf_tokenizer(tokenizer))
-            compiler.check(plan.grammar, plan.grammar_what)
-            processors.append(compiler.processor(plan.grammar))
+            compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+            processors.append(compiler.processor(plan.grammar, plan.grammar_what))
         assembler = ChunkAssembler(
             model_name,
             tool_names=plan.tool_names if plan.parse_tools else frozenset(),
@@ -491,65 +485,28 @@ class ChatMLX(BaseChatModel, EngineFields):
         if kwargs:
             msg = f"unsupported arguments for with_structured_output: {sorted(kwargs)}"
             raise ValueError(msg)
-        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        check_method(schema, method)
         ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
-        if schema is None and method != "json_mode":
-            msg = (
-                f"method={method!r} needs a schema; pass one, or use method='json_mode'"
-            )
-            raise ValueError(msg)
+        tool_name = None
         if method == "function_calling":
-            assert schema is not None
-            name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, parallel_tool_calls=False)
-            llm = llm.bind(ls_structured_output_format=ls_format)
-            parser: Runnable[Any, Any] = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
-                if is_pydantic
-                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
-            )
-        elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                json_schema = convert_to_json_schema(schema)  # type: ignore[arg-type]
-                response_format: dict[str, Any] = {
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": json_schema.get("title", "output"),
-                        "schema": json_schema,
-                    },
-                }
-            else:
-                response_format = {"type": "json_object"}
+            assert schema is not None  # check_method
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools(
+                [schema], tool_choice=tool_name, parallel_tool_calls=False
+            ).bind(ls_structured_output_format=ls_format)
+        else:
+            response_format = response_format_for(schema, method)
             plan = plan_call(self.tokenizer, None, None, None, response_format)
             self._check_grammar(plan.grammar, plan.grammar_what)
             llm = self.bind(
                 response_format=response_format, ls_structured_output_format=ls_format
             )
-            parser = (
-                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-                if is_pydantic
-                else JsonOutputParser()
-            )
-        else:
-            msg = (
-                f"unknown method {method!r}; use 'json_schema', "
-                "'function_calling' or 'json_mode'"
-            )
-            raise ValueError(msg)
-        if not include_raw:
-            return llm | parser
-        parsed = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
-        )
-        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=llm) | parsed.with_fallbacks(
-            [fallback], exception_key="parsing_error"
-        )
+        parser = output_parser(schema, method, tool_name)
+        return with_raw(llm, parser) if include_raw else llm | parser
 
     def _check_grammar(self, grammar: str | None, what: str) -> None:
         if grammar is not None:
-            compiler = ConstraintCompiler.for_tokenizer(_hf_tokenizer(self.tokenizer))
-            compiler.check(grammar, what)
+            ConstraintCompiler.for_tokenizer(self.tokenizer).check(grammar, what)
 
     # -- prefix KV cache on disk ------------------------------------------------
 
@@ -608,10 +565,3 @@ def _reasoning_splitter(
     start, end = tokenizer.think_start, tokenizer.think_end
     tail = tokenizer.decode(prompt_ids[-8:])
     return ReasoningSplitter(start, end, inside=tail.rstrip().endswith(start))
-
-
-def _hf_tokenizer(tokenizer: Any) -> Any:
-    """The Hugging Face tokenizer (unwrapping mlx-lm's `TokenizerWrapper`)."""
-    if hasattr(tokenizer, "backend_tokenizer"):  # already a fast HF tokenizer
-        return tokenizer
-    return getattr(tokenizer, "_tokenizer", tokenizer)

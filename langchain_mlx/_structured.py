@@ -1,0 +1,72 @@
+"""Structured output: schema -> response format and output parser. Pure: no mlx.
+
+`ChatMLX.with_structured_output` binds what `response_format_for` returns (or a
+forced tool call) and pipes the model into `output_parser`; `with_raw` wraps
+that for `include_raw=True` the way LangChain's partner models do.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any
+
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.pydantic import is_basemodel_subclass
+
+METHODS = ("json_schema", "function_calling", "json_mode")
+
+
+def check_method(schema: Any, method: str) -> None:
+    """Raise ValueError for an unknown method or a missing schema."""
+    if method not in METHODS:
+        msg = f"unknown method {method!r}; use one of {', '.join(map(repr, METHODS))}"
+        raise ValueError(msg)
+    if schema is None and method != "json_mode":
+        msg = f"method={method!r} needs a schema; pass one, or use method='json_mode'"
+        raise ValueError(msg)
+
+
+def response_format_for(schema: Any, method: str) -> dict[str, Any]:
+    """The `response_format` to bind for `json_schema` / `json_mode`."""
+    if method == "json_mode":
+        return {"type": "json_object"}
+    json_schema = convert_to_json_schema(schema)
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": json_schema.get("title", "output"),
+            "schema": json_schema,
+        },
+    }
+
+
+def output_parser(
+    schema: Any, method: str, tool_name: str | None = None
+) -> Runnable[Any, Any]:
+    """Parse the message into a pydantic object, or a dict for other schemas."""
+    is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+    if method == "function_calling":
+        if is_pydantic:
+            return PydanticToolsParser(tools=[schema], first_tool_only=True)
+        return JsonOutputKeyToolsParser(key_name=str(tool_name), first_tool_only=True)
+    if is_pydantic:
+        return PydanticOutputParser(pydantic_object=schema)
+    return JsonOutputParser()
+
+
+def with_raw(llm: Runnable[Any, Any], parser: Runnable[Any, Any]) -> Runnable[Any, Any]:
+    """`{"raw": message, "parsed": ..., "parsing_error": ...}` (include_raw=True)."""
+    parsed = RunnablePassthrough.assign(
+        parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+    )
+    fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+    return RunnableMap(raw=llm) | parsed.with_fallbacks(
+        [fallback], exception_key="parsing_error"
+    )
