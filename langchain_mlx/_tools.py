@@ -46,17 +46,40 @@ class CallPlan:
     parser: Callable[[str, Any], Any] | None
 
 
-_RENDERS_TOOLS: dict[int, tuple[Any, bool]] = {}  # id -> (tokenizer, answer)
+@dataclass(frozen=True)
+class ToolFacts:
+    """What a model's chat template and tokenizer say about tools (fixed per model)."""
+
+    renders_tools: bool
+    call_format: ToolCallFormat
+    """The format forced calls are constrained to (bare JSON if no markers)."""
+    parser_name: str | None
+    parser: Any
+
+
+_FACTS: dict[int, tuple[Any, ToolFacts]] = {}  # id -> (tokenizer, facts)
 _LOCK = threading.Lock()
 
 
-def template_renders_tools(tokenizer: Any) -> bool:
-    """Whether the chat template shows `tools` to the model (cached per tokenizer)."""
+def tool_facts(tokenizer: Any) -> ToolFacts:
+    """The tool facts of a tokenizer, worked out once."""
     key = id(tokenizer)
     with _LOCK:
-        known, answer = _RENDERS_TOOLS.get(key, (None, False))
-        if known is tokenizer:  # holding the tokenizer keeps its id from reuse
-            return answer
+        known, facts = _FACTS.get(key, (None, None))
+        if known is tokenizer and facts is not None:  # holding it keeps the id
+            return facts
+    facts = _work_out_facts(tokenizer)
+    with _LOCK:
+        _FACTS[key] = (tokenizer, facts)
+    return facts
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template shows `tools` to the model."""
+    return tool_facts(tokenizer).renders_tools
+
+
+def _work_out_facts(tokenizer: Any) -> ToolFacts:
     probe = {
         "type": "function",
         "function": {
@@ -72,28 +95,21 @@ def template_renders_tools(tokenizer: Any) -> bool:
         renders = "zz_probe_tool" in str(with_tools)
     except Exception:  # a template that chokes on tools does not render them
         renders = False
-    with _LOCK:
-        _RENDERS_TOOLS[key] = (tokenizer, renders)
-    return renders
-
-
-def model_call_format(tokenizer: Any) -> tuple[ToolCallFormat, str | None, Any]:
-    """(format for forced calls, mlx-lm parser name, parser function) of the model."""
-    if not template_renders_tools(tokenizer):
-        return ToolCallFormat(), None, None
+    if not renders:
+        return ToolFacts(False, ToolCallFormat(), None, None)
     start = getattr(tokenizer, "tool_call_start", None)
     end = getattr(tokenizer, "tool_call_end", None)
     parser = getattr(tokenizer, "tool_parser", None)
     name = getattr(parser, "__module__", "").rsplit(".", 1)[-1] if parser else None
     if start is None or end is None:
-        return ToolCallFormat(), name, None
+        return ToolFacts(True, ToolCallFormat(), name, None)
     fmt = ToolCallFormat(
         start=f"{start}\n",
         end=f"\n{end}",
         start_lark=f'{_lark_token(tokenizer, start)} "\\n"',
         end_lark=f'"\\n" {_lark_token(tokenizer, end)}',
     )
-    return fmt, name, parser
+    return ToolFacts(True, fmt, name, parser)
 
 
 def _lark_token(tokenizer: Any, marker: str) -> str:
@@ -159,14 +175,15 @@ def plan_call(
     if tool_choice not in (None, "auto", "none") and not tools:
         msg = "tool_choice was given but no tools are bound; use bind_tools(tools, ...)"
         raise ValueError(msg)
-    fmt, parser_name, parser = model_call_format(tokenizer)
+    facts = tool_facts(tokenizer)
+    fmt, parser_name, parser = facts.call_format, facts.parser_name, facts.parser
     instructions: list[str] = []
     template_tools = None
     grammar = None
     what = ""
     active = bool(tools) and choice != "none"
     if active:
-        if template_renders_tools(tokenizer):
+        if facts.renders_tools:
             template_tools = tools
         else:
             instructions.append(fallback_instructions(tools))
