@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -24,33 +24,13 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 
+from langchain_mlx._engine import Delta, Final
 from langchain_mlx._stop import StopMatcher
 
 PROVIDER = "mlx"
 
 
-class FinalLike(Protocol):
-    """The fields of `_engine.Final` this module reads."""
-
-    @property
-    def finish_reason(self) -> str: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def generation_tokens(self) -> int: ...
-    @property
-    def prompt_tps(self) -> float: ...
-    @property
-    def generation_tps(self) -> float: ...
-    @property
-    def time_to_first_token(self) -> float: ...
-    @property
-    def peak_memory_gb(self) -> float: ...
-    @property
-    def cached_tokens(self) -> int: ...
-
-
-def usage_metadata(final: FinalLike) -> UsageMetadata:
+def usage_metadata(final: Final) -> UsageMetadata:
     """Input/output/total tokens of one generation, and prompt tokens from cache."""
     usage = UsageMetadata(
         input_tokens=final.prompt_tokens,
@@ -62,7 +42,7 @@ def usage_metadata(final: FinalLike) -> UsageMetadata:
     return usage
 
 
-def response_metadata(final: FinalLike, model_name: str) -> dict[str, Any]:
+def response_metadata(final: Final, model_name: str) -> dict[str, Any]:
     """What LangChain users read from `AIMessage.response_metadata`."""
     return {
         "model_name": model_name,
@@ -306,9 +286,9 @@ class ChunkAssembler:
         self.parsed: ParsedOutput | None = None
         """The tool-call parse of the held-back text (set by the last chunk)."""
 
-    def chunk(self, event: Any) -> AIMessageChunk | None:
+    def chunk(self, event: Delta | Final) -> AIMessageChunk | None:
         """The chunk for an engine event (`Delta` or `Final`), if any."""
-        if not hasattr(event, "finish_reason"):  # a Delta
+        if isinstance(event, Delta):
             thought, text = self._split(event.text)
             return _text_chunk(thought, text)
         thought, content = self._split("", final=True)
