@@ -38,7 +38,7 @@ from langchain_core.messages import (
 )
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._models import resolve_model
+from langchain_mlx.models.prepare import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 MAX_TOKENS = 16

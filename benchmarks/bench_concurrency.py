@@ -32,7 +32,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._models import resolve_model
+from langchain_mlx.models.prepare import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 STREAMS = 8

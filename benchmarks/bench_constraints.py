@@ -22,9 +22,9 @@ from langchain_core.messages import HumanMessage
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._constraints import ConstraintCompiler, json_schema_grammar
-from langchain_mlx._engine import Final, Request
 from langchain_mlx._messages import render_prompt
-from langchain_mlx._models import resolve_model
+from langchain_mlx.engine.types import Final, Request
+from langchain_mlx.models.prepare import resolve_model
 
 PROMPT = (
     "Write a short story about a robot learning to paint, as JSON with a 'story' field."

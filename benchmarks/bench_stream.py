@@ -22,7 +22,7 @@ from langchain_core.messages import HumanMessage
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._messages import render_prompt
-from langchain_mlx._models import resolve_model
+from langchain_mlx.models.prepare import resolve_model
 
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle."

@@ -236,6 +236,15 @@ class GrammarLogitsProcessor:
         """Whether the text so far is a complete sentence of the grammar."""
         return bool(self._matcher.is_accepting())
 
+    def complete_after(self, last_token: int) -> bool:
+        """Whether the output ending with `last_token` is complete (at its end).
+
+        mlx-lm feeds a sampled token to the processors in the step that returns
+        it, so `last_token` is already consumed here.
+        """
+        del last_token
+        return self._started and bool(self._matcher.is_accepting())
+
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import time
 

@@ -1,8 +1,11 @@
-"""Engine results -> LangChain output fields. Pure: no mlx.
+"""Engine events -> LangChain output. Pure: no mlx.
 
-Token usage and response metadata are built here from the engine's `Final`
-record, so the chat model and the LLM report them the same way; generated text
-is split into content, tool calls and invalid tool calls (`parse_tool_calls`).
+The engine has already split the text (engine/text.py): content and reasoning
+segments stream as they come; the text of tool calls arrives as "tool"
+segments and is parsed here at the end (`parse_tool_calls`): calls, invalid
+calls (malformed, unknown tool, or cut by `max_tokens`), and JSON that was not a
+call after all (content). Token usage and response metadata are built from the
+engine's `Final`, so the chat model and the LLM report them the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.utils.json import parse_partial_json
 
-from langchain_mlx._engine import Delta, Final
-from langchain_mlx._stop import StopMatcher
+from langchain_mlx.engine.types import Final, Segment
 
 PROVIDER = "mlx"
 
@@ -40,6 +43,14 @@ def usage_metadata(final: Final) -> UsageMetadata:
     if final.cached_tokens:
         usage["input_token_details"] = {"cache_read": final.cached_tokens}
     return usage
+
+
+def truncation_error(final: Final) -> str:
+    """What to tell the user about output cut by `max_tokens`."""
+    return (
+        f"the output was cut by max_tokens after {final.generation_tokens} tokens, "
+        "before it was complete; raise max_tokens"
+    )
 
 
 def response_metadata(final: Final, model_name: str) -> dict[str, Any]:
@@ -58,6 +69,7 @@ def response_metadata(final: Final, model_name: str) -> dict[str, Any]:
 # -- tool calls in generated text ----------------------------------------------
 
 _CALL_START = re.compile(r'\{\s*"name"\s*:')
+_NAMED = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _EMPTY_FENCE = re.compile(r"```[a-zA-Z]*\s*```")
 
 
@@ -120,6 +132,7 @@ def parse_tool_calls(
     end: str | None = None,
     parser: Callable[[str, Any], Any] | None = None,
     tools: Any = None,
+    truncated: str | None = None,
 ) -> ParsedOutput:
     """Split generated text into content, tool calls and invalid tool calls.
 
@@ -140,6 +153,9 @@ def parse_tool_calls(
             inner_end = j if j >= 0 else len(text)
             inner = text[i + len(start) : inner_end]
             pos = inner_end + len(end) if j >= 0 and end else len(text)
+            if j < 0 and truncated:
+                out.invalid_tool_calls.append(_invalid(inner.strip(), truncated))
+                continue
             try:
                 obj = parser(inner, tools) if parser else json.loads(inner)
             except Exception as e:  # any parser failure is the model's, not ours
@@ -149,7 +165,9 @@ def parse_tool_calls(
         rest.append(text[pos:])
     else:
         rest.append(text)
-    content_parts = [_bare_json_calls(part, out, tool_names) for part in rest]
+    content_parts = [
+        _bare_json_calls(part, out, tool_names, truncated) for part in rest
+    ]
     content = "".join(content_parts)
     if out.tool_calls or out.invalid_tool_calls:
         # models often fence a call in markdown: drop the fence the call left empty
@@ -172,7 +190,9 @@ def _call_shaped(obj: Any, tool_names: set[str]) -> bool:
     return isinstance(name, str) and has_args and set(obj) <= _CALL_KEYS
 
 
-def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
+def _bare_json_calls(
+    text: str, out: ParsedOutput, tool_names: set[str], truncated: str | None = None
+) -> str:
     """Take bare JSON calls out of `text`; return what is left as content."""
     decoder = json.JSONDecoder()
     kept: list[str] = []
@@ -188,13 +208,15 @@ def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
         try:
             obj, j = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            if not any(f'"{name}"' in text[i:] for name in tool_names):
-                kept.append(text[pos:])  # broken JSON, but no call to our tools
+            named = _NAMED.match(text, m.start())
+            if named is not None and json.loads(f'"{named[1]}"') not in tool_names:
+                kept.append(text[pos:])  # broken JSON naming no tool of ours
                 return "".join(kept)
+            # otherwise `{"name":` starts a call: broken or cut JSON there is
+            # an invalid call, never content that looks like half a call
             kept.append(text[pos:i])
-            out.invalid_tool_calls.append(
-                _invalid(text[i:].strip(), f"malformed tool call JSON: {e}")
-            )
+            error = truncated or f"malformed tool call JSON: {e}"
+            out.invalid_tool_calls.append(_invalid(text[i:].strip(), error))
             return "".join(kept)
         items = obj if isinstance(obj, list) else [obj]
         if not any(_call_shaped(o, tool_names) for o in items):
@@ -210,56 +232,14 @@ def _bare_json_calls(text: str, out: ParsedOutput, tool_names: set[str]) -> str:
 # -- engine events -> message chunks ---------------------------------------------
 
 
-class ReasoningSplitter:
-    """Separates a thinking model's reasoning (`<think>...</think>`) from its answer.
-
-    `inside=True` when the prompt already opened the thinking block (templates
-    of reasoning models often end the generation prompt with `<think>`).
-    """
-
-    def __init__(self, think_start: str, think_end: str, *, inside: bool) -> None:
-        self._start, self._end = think_start, think_end
-        self._state = "inside" if inside else "undecided"
-        self._lead = ""
-        self._matcher = StopMatcher([think_end])
-
-    def push(self, text: str) -> tuple[str, str]:
-        """Feed generated text; return (reasoning, content) safe to emit now."""
-        if self._state == "content":
-            return "", text
-        if self._state == "undecided":
-            self._lead += text
-            lead = self._lead.lstrip()
-            if lead.startswith(self._start):
-                self._state, text = "inside", lead[len(self._start) :]
-            elif self._start.startswith(lead):
-                return "", ""  # may still become the start marker
-            else:
-                self._state, self._lead = "content", ""
-                return "", lead
-        reasoning = self._matcher.push(text)
-        if not self._matcher.stopped:
-            return reasoning, ""
-        self._state = "content"
-        return reasoning, self._matcher.remainder[len(self._end) :].lstrip("\n")
-
-    def flush(self) -> tuple[str, str]:
-        """The held-back text at the end: unfinished reasoning, or content."""
-        if self._state == "inside":
-            return self._matcher.flush(), ""
-        if self._state == "undecided":
-            return "", self._lead
-        return "", ""
-
-
 class ChunkAssembler:
     """Turns one request's engine events into `AIMessageChunk`s.
 
-    Without tools every delta is content. With tools bound, text is streamed
-    as content until something that may start a tool call appears (the
-    model's start marker, or `{`); from there it is held back and parsed at the
-    end, so the text of a call never streams as content. The last chunk holds
-    the rest of the content, the tool call chunks, usage and metadata.
+    Content and reasoning segments become chunks at once; tool segments are
+    kept and parsed at the end. The last chunk holds what the parse gave back as
+    content, the tool call chunks, usage and metadata. With `logprobs`, every
+    chunk carries `response_metadata["logprobs"]["content"]`: one OpenAI-style
+    entry per token of its content (merged chunks join them in order).
     """
 
     def __init__(
@@ -270,105 +250,128 @@ class ChunkAssembler:
         start: str | None = None,
         end: str | None = None,
         parser: Callable[[str, Any], Any] | None = None,
-        reasoning: ReasoningSplitter | None = None,
         tools: Any = None,
         parallel: bool | None = None,
+        forced: bool = False,
     ) -> None:
         self.model_name = model_name
-        self._reasoning = reasoning
+        self._forced = forced
         self._tool_names = set(tool_names)
         self._start, self._end, self._parser = start, end, parser
-        triggers = [t for t in (start, "{") if t]
-        self._holdback = StopMatcher(triggers) if tool_names else None
-        self._raw_invalid = ""
         self._tools = tools
         self._parallel = parallel
+        self._tool_text = ""
+        self._tool_logprobs: list[dict[str, Any]] = []
         self.parsed: ParsedOutput | None = None
-        """The tool-call parse of the held-back text (set by the last chunk)."""
+        """The tool-call parse of the tool text (set by the last chunk)."""
 
-    def chunk(self, event: Delta | Final) -> AIMessageChunk | None:
-        """The chunk for an engine event (`Delta` or `Final`), if any."""
-        if isinstance(event, Delta):
-            thought, text = self._split(event.text)
-            return _text_chunk(thought, text)
-        thought, content = self._split("", final=True)
+    def chunk(self, event: Segment | Final) -> AIMessageChunk | None:
+        """The chunk for an engine event (`Segment` or `Final`), if any."""
+        if isinstance(event, Segment):
+            return self._segment_chunk(event)
+        return self._last_chunk(event)
+
+    def _segment_chunk(self, segment: Segment) -> AIMessageChunk | None:
+        entries = [e.as_openai() for e in segment.logprobs]
+        if segment.kind == "tool":
+            self._tool_text += segment.text
+            self._tool_logprobs += entries
+            return None
+        metadata = {"logprobs": {"content": entries}} if segment.logprobs else {}
+        if segment.kind == "reasoning":
+            return AIMessageChunk(
+                content="",
+                additional_kwargs={"reasoning_content": segment.text},
+                response_metadata=metadata,
+            )
+        return AIMessageChunk(content=segment.text, response_metadata=metadata)
+
+    def _last_chunk(self, final: Final) -> AIMessageChunk:
+        content = ""
         tool_call_chunks = []
-        if self._holdback is not None:
-            content += self._holdback.flush()
-            held = self._holdback.remainder
+        metadata = response_metadata(final, self.model_name)
+        truncated = truncation_error(final) if final.finish_reason == "length" else None
+        if self._tool_text:
             self.parsed = parse_tool_calls(
-                held,
+                self._tool_text,
                 tool_names=self._tool_names,
                 start=self._start,
                 end=self._end,
                 parser=self._parser,
                 tools=self._tools,
+                truncated=truncated,
             )
-            if self._parallel is False and len(self.parsed.tool_calls) > 1:
-                first, *extra = self.parsed.tool_calls
-                self.parsed.tool_calls = [first]
-                self.parsed.invalid_tool_calls += [
-                    _invalid(
-                        json.dumps({"name": c["name"], "arguments": c["args"]}),
-                        "parallel_tool_calls=False: only the first call is kept",
-                        c["name"],
-                    )
-                    for c in extra
-                ]
-            content += self.parsed.content
-            # Streaming consumers merge chunks themselves (core turns raw args
-            # into "valid" partial JSON), so a call that did not parse travels as
-            # text; `finish` moves it to `invalid_tool_calls` for invoke.
-            self._raw_invalid = "".join(
-                f"\n{c['args']}" for c in self.parsed.invalid_tool_calls if c["args"]
-            )
-            content += self._raw_invalid
+            self._keep_first_call_only()
+            content = self.parsed.content
+            if self._forced and content:  # a required call: nothing else is
+                self.parsed.invalid_tool_calls.append(
+                    _invalid(content, truncated or "the output is not a tool call")
+                )
+                self.parsed.content = content = ""
             tool_call_chunks = [
                 tool_call_chunk(
                     name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
                 )
                 for i, c in enumerate(self.parsed.tool_calls)
             ]
-        metadata = response_metadata(event, self.model_name)
-        if self.parsed and self.parsed.tool_calls:
-            metadata["finish_reason"] = "tool_calls"
+            first = len(tool_call_chunks)
+            tool_call_chunks += [
+                tool_call_chunk(
+                    name=c["name"], args=streamed_invalid_args(c), id=c["id"], index=i
+                )
+                for i, c in enumerate(self.parsed.invalid_tool_calls, start=first)
+            ]
+            if self._tool_logprobs:
+                key = "tool_calls" if tool_call_chunks else "content"
+                metadata["logprobs"] = {key: self._tool_logprobs}
+            if self.parsed.tool_calls and final.finish_reason != "length":
+                metadata["finish_reason"] = "tool_calls"
         return AIMessageChunk(
             content=content,
-            additional_kwargs={"reasoning_content": thought} if thought else {},
             tool_call_chunks=tool_call_chunks,
-            usage_metadata=usage_metadata(event),
+            usage_metadata=usage_metadata(final),
             response_metadata=metadata,
             chunk_position="last",
         )
 
-    def _split(self, text: str, *, final: bool = False) -> tuple[str, str]:
-        """(reasoning, content to emit) for new text, through both hold-backs."""
-        thought = ""
-        if self._reasoning is not None:
-            thought, text = self._reasoning.push(text)
-            if final:
-                more_thought, more_text = self._reasoning.flush()
-                thought, text = thought + more_thought, text + more_text
-        if self._holdback is not None and text:
-            text = self._holdback.push(text)
-        return thought, text
+    def _keep_first_call_only(self) -> None:
+        assert self.parsed is not None
+        if self._parallel is not False or len(self.parsed.tool_calls) <= 1:
+            return
+        first, *extra = self.parsed.tool_calls
+        self.parsed.tool_calls = [first]
+        self.parsed.invalid_tool_calls += [
+            _invalid(
+                json.dumps({"name": c["name"], "arguments": c["args"]}),
+                "parallel_tool_calls=False: only the first call is kept",
+                c["name"],
+            )
+            for c in extra
+        ]
 
     def finish(self, message: BaseMessage) -> None:
-        """Give the combined message the exact parse (no partial-JSON repair)."""
+        """Give the combined message the exact parse (invoke / generate)."""
         if self.parsed is not None and isinstance(message, AIMessage):
             message.tool_calls = list(self.parsed.tool_calls)
             message.invalid_tool_calls = list(self.parsed.invalid_tool_calls)
             if isinstance(message.content, str):
                 content = message.content
-                if self._raw_invalid and content.endswith(self._raw_invalid):
-                    content = content[: -len(self._raw_invalid)]
                 if self.parsed.tool_calls or self.parsed.invalid_tool_calls:
                     content = _EMPTY_FENCE.sub("", content)
                 message.content = content.strip()
 
 
-def _text_chunk(thought: str, text: str) -> AIMessageChunk | None:
-    if not thought and not text:
-        return None
-    extra = {"reasoning_content": thought} if thought else {}
-    return AIMessageChunk(content=text, additional_kwargs=extra)
+def streamed_invalid_args(call: InvalidToolCall) -> str:
+    """An invalid call's raw text as a stream chunk's `args`.
+
+    LangChain rebuilds calls from merged chunks with `parse_partial_json`, which
+    would "repair" a call cut at `{"name":` into a valid empty call. Raw text it
+    would repair is therefore sent JSON-quoted (a string, never a call's
+    arguments), so the merged stream reports it in `invalid_tool_calls` too.
+    """
+    raw = str(call.get("args") or "")
+    try:
+        repaired = parse_partial_json(raw)
+    except Exception:  # unparseable: stays invalid
+        return raw
+    return json.dumps(raw) if isinstance(repaired, dict) else raw

@@ -1,6 +1,9 @@
 """Tools and response formats for one call: what to render, constrain and parse.
 
-`plan_call` turns the `tools`, `tool_choice`, `parallel_tool_calls` and
+`format_tools` turns what a user binds (functions, pydantic classes, BaseTools,
+OpenAI dicts) into checked OpenAI tool dicts, failing at bind time with errors
+that name the tool and what to change. `plan_call` turns the `tools`,
+`tool_choice`, `parallel_tool_calls` and
 `response_format` a call was bound with into a `CallPlan`: the tools for the chat
 template (or, when the template has no tools section, a system instruction in the
 bare-JSON format we then parse), the grammar that decoding must follow when a
@@ -10,8 +13,9 @@ tool call or a schema is required, and how to parse the generated text.
 from __future__ import annotations
 
 import json
+import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,243 @@ from langchain_mlx._constraints import (
 )
 
 FORMATS_WE_CAN_FORCE = {"json_tools"}  # mlx-lm parser modules whose calls are JSON
+
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+"""What OpenAI accepts as a tool name (chat templates and parsers expect no more)."""
+JSON_SCHEMA_TYPES = frozenset(
+    {"string", "number", "integer", "boolean", "array", "object", "null"}
+)
+_ACCEPTED = (
+    "a Python function, a pydantic model class, a TypedDict, a LangChain BaseTool "
+    "(@tool), or an OpenAI tool dict {'type': 'function', 'function': {'name': ..., "
+    "'description': ..., 'parameters': {...}}}"
+)
+# Keywords whose value is one schema, a list of schemas, or a dict of schemas.
+_ONE_SCHEMA = ("items", "additionalProperties", "not", "if", "then", "else",
+               "contains", "propertyNames", "additionalItems", "unevaluatedItems",
+               "unevaluatedProperties")  # fmt: skip
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
+                "dependentSchemas")  # fmt: skip
+
+
+# -- checking tools ----------------------------------------------------------------
+
+
+def format_tools(tools: Any) -> list[dict[str, Any]]:
+    """Convert tools to OpenAI tool dicts and check them (bind time or per call).
+
+    Accepts a list of anything `convert_to_openai_tool` converts: Python
+    functions, pydantic classes, TypedDicts, `BaseTool`s, OpenAI tool or function
+    dicts, JSON schemas with a `title`. Already formatted tools pass unchanged.
+
+    Raises:
+        TypeError: `tools` is not a list, an item is not a kind of tool, or a
+            part of a tool has the wrong type (a name that is not a string,
+            `parameters` or a property schema that is not a dict).
+        ValueError: a tool has no name or one outside `^[a-zA-Z0-9_-]{1,64}$`,
+            two different tools share a name (the same tool twice is kept
+            once), `parameters` is not of type "object",
+            `required` names an undefined property, or a `type` is not a JSON
+            Schema type.
+
+    """
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        hint = " (one tool? wrap it in a list)" if isinstance(tools, Mapping) else ""
+        msg = (
+            f"tools must be a list of tools, got {_describe(tools)}{hint}; pass "
+            f"e.g. [get_weather], each item {_ACCEPTED}"
+        )
+        raise TypeError(msg)
+    formatted = [_format_tool(i, tool) for i, tool in enumerate(tools)]
+    first: dict[str, int] = {}
+    unique: list[dict[str, Any]] = []
+    for i, tool in enumerate(formatted):
+        name = tool["function"]["name"]
+        if name in first:
+            if _without_titles(tool) == _without_titles(formatted[first[name]]):
+                continue  # the same tool twice (e.g. a class and its schema)
+            msg = (
+                f"tool names must be unique: {name!r} is both tools[{first[name]}] "
+                f"and tools[{i}] with different definitions; rename one"
+            )
+            raise ValueError(msg)
+        first[name] = i
+        unique.append(tool)
+    return unique
+
+
+def _without_titles(value: Any) -> Any:
+    """A schema without its `title` annotations (pydantic adds them per field)."""
+    if isinstance(value, dict):
+        return {k: _without_titles(v) for k, v in value.items() if k != "title"}
+    if isinstance(value, list):
+        return [_without_titles(v) for v in value]
+    return value
+
+
+def _format_tool(index: int, tool: Any) -> dict[str, Any]:
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    where = f"tools[{index}]"
+    try:
+        converted = convert_to_openai_tool(tool)
+    except Exception as e:
+        if not isinstance(tool, Mapping):
+            msg = f"{where} ({_describe(tool)}) is not a tool; each tool must be "
+            msg += _ACCEPTED
+            raise TypeError(msg) from e
+        raise _no_name(where, tool) from e
+    if converted.get("type") != "function":
+        msg = (
+            f"{where} is a {converted.get('type')!r} tool; only function tools "
+            "({'type': 'function', 'function': {...}}) can run with a local model "
+            "(built-in tools such as web search belong to hosted providers)"
+        )
+        raise ValueError(msg)
+    function = converted.get("function")
+    if function is None:
+        raise _no_name(where, tool)
+    if not isinstance(function, dict):
+        msg = (
+            f"{where}: 'function' must be a dict {{'name': ..., 'parameters': "
+            f"{{...}}}}, got {_describe(function)}"
+        )
+        raise TypeError(msg)
+    name = _check_name(where, function.get("name"))
+    description = function.get("description")
+    if description is not None and not isinstance(description, str):
+        msg = f"tool {name!r}: description must be a string, got "
+        msg += _describe(description)
+        raise TypeError(msg)
+    if "parameters" in function:
+        _check_parameters(f"tool {name!r}", function["parameters"])
+    return dict(converted)
+
+
+def _no_name(where: str, tool: Any) -> ValueError:
+    keys = ", ".join(map(str, tool)) if isinstance(tool, Mapping) else ""
+    msg = (
+        f"{where} is a dict without a tool name (keys: {keys or 'none'}); a tool "
+        "dict needs 'name' (or 'function': {'name': ...}), e.g. {'type': "
+        "'function', 'function': {'name': 'get_weather', 'parameters': {...}}}"
+    )
+    return ValueError(msg)
+
+
+def _check_name(where: str, name: Any) -> str:
+    if name is None or name == "":
+        msg = f"{where} has no name; give the tool a non-empty 'name'"
+        raise ValueError(msg)
+    if not isinstance(name, str):
+        msg = f"{where}: the tool name must be a string, got {_describe(name)}"
+        raise TypeError(msg)
+    if not TOOL_NAME.fullmatch(name):
+        msg = (
+            f"{where}: tool name {name!r} is not valid: use 1 to 64 letters, digits, "
+            "'_' or '-' (what OpenAI accepts, and what chat templates and tool-call "
+            'parsers expect); rename the tool (a function\'s name, @tool("name"), '
+            "or the dict's 'name')"
+        )
+        raise ValueError(msg)
+    return name
+
+
+def _check_parameters(where: str, schema: Any) -> None:
+    """Check that `parameters` is a JSON Schema object describing the arguments."""
+    if not isinstance(schema, dict):
+        msg = (
+            f"{where}: parameters must be a JSON Schema object (a dict such as "
+            "{'type': 'object', 'properties': {'city': {'type': 'string'}}}), got "
+            f"{_describe(schema)}"
+        )
+        raise TypeError(msg)
+    kind = schema.get("type", "object")
+    if kind != "object":
+        msg = (
+            f"{where}: parameters must have type 'object' (the arguments are a JSON "
+            f"object), got type {kind!r}; put single values under 'properties'"
+        )
+        raise ValueError(msg)
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        msg = (
+            f"{where}: parameters.properties must map argument names to schemas, "
+            f"got {_describe(properties)}"
+        )
+        raise TypeError(msg)
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        msg = (
+            f"{where}: parameters.required must be a list of argument names, got "
+            f"{_describe(required)}"
+        )
+        raise TypeError(msg)
+    if missing := [r for r in required if r not in properties]:
+        msg = (
+            f"{where}: parameters.required names {', '.join(map(repr, missing))}, "
+            f"which parameters.properties does not define (it defines: "
+            f"{', '.join(map(repr, properties)) or 'nothing'}); add the property or "
+            "drop it from required"
+        )
+        raise ValueError(msg)
+    _check_schema(where, schema, "parameters")
+
+
+def _check_schema(where: str, schema: Any, path: str) -> None:
+    """Walk a JSON Schema: subschemas are dicts or booleans, `type` values valid."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        msg = (
+            f"{where}: {path} must be a JSON Schema (a dict such as "
+            f"{{'type': 'string'}}, or true/false), got {_describe(schema)}"
+        )
+        raise TypeError(msg)
+    if "type" in schema:
+        kind = schema["type"]
+        kinds = kind if isinstance(kind, list) else [kind]
+        if (
+            not kinds
+            or not all(isinstance(k, str) for k in kinds)
+            or (set(kinds) - JSON_SCHEMA_TYPES)
+        ):
+            msg = (
+                f"{where}: {path}.type is {kind!r}; JSON Schema types are "
+                f"{', '.join(sorted(JSON_SCHEMA_TYPES))} (or a list of them)"
+            )
+            raise ValueError(msg)
+    for key, sub in _subschemas(where, schema, path):
+        _check_schema(where, sub, key)
+
+
+def _subschemas(where: str, schema: dict[str, Any], path: str) -> list[tuple[str, Any]]:
+    """The `(path, schema)` of every subschema one level down."""
+    found = [(f"{path}.{k}", schema[k]) for k in _ONE_SCHEMA if k in schema]
+    if isinstance(schema.get("items"), list):  # the old tuple form
+        found = [(p, s) for p, s in found if p != f"{path}.items"]
+        found += [(f"{path}.items[{i}]", s) for i, s in enumerate(schema["items"])]
+    for key in _SCHEMA_LISTS:
+        value = schema.get(key, [])
+        if not isinstance(value, list):
+            msg = f"{where}: {path}.{key} must be a list of schemas, got "
+            msg += _describe(value)
+            raise TypeError(msg)
+        found += [(f"{path}.{key}[{i}]", s) for i, s in enumerate(value)]
+    for key in _SCHEMA_MAPS:
+        value = schema.get(key, {})
+        if not isinstance(value, dict):
+            msg = f"{where}: {path}.{key} must map names to schemas, got "
+            msg += _describe(value)
+            raise TypeError(msg)
+        found += [(f"{path}.{key}.{name}", s) for name, s in value.items()]
+    return found
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Flow, by function::
            _prepare: settings (pipeline_kwargs < fields < call kwargs),
                      _messages.render_prompt (chat template -> token ids)
            Engine.submit(Request) -> RequestHandle   (the model's one MLX thread)
-           _chunk: Delta -> AIMessageChunk(content)
+           _chunk: Segment -> AIMessageChunk(content)
                    Final -> AIMessageChunk(usage_metadata, response_metadata,
                                            chunk_position="last")
       _generate / _agenerate = the stream, combined
@@ -32,17 +32,17 @@ from langchain_core.language_models.chat_models import (
 )
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ContextThreadPoolExecutor, get_config_list
+from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
 from langchain_mlx._constraints import ConstraintCompiler
-from langchain_mlx._engine import Engine, Request
 from langchain_mlx._messages import render_prompt
-from langchain_mlx._models import DEFAULT_MODEL
-from langchain_mlx._output import ChunkAssembler, ReasoningSplitter
+from langchain_mlx._output import ChunkAssembler
 from langchain_mlx._settings import canonical_settings
 from langchain_mlx._structured import (
     check_method,
@@ -50,8 +50,16 @@ from langchain_mlx._structured import (
     response_format_for,
     with_raw,
 )
-from langchain_mlx._tools import CallPlan, plan_call, template_renders_tools
+from langchain_mlx._tools import (
+    CallPlan,
+    format_tools,
+    plan_call,
+    template_renders_tools,
+)
+from langchain_mlx.engine.types import Final, Request, Segment, TextRules
+from langchain_mlx.engine.worker import Engine, SubmissionGroup
 from langchain_mlx.llms import EngineFields, MLXPipeline
+from langchain_mlx.models.prepare import DEFAULT_MODEL
 
 DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful, and honest assistant."""
 
@@ -213,6 +221,12 @@ class ChatMLX(BaseChatModel, EngineFields):
     transient network errors to retry, so it is not used. Use `.with_retry()`."""
     streaming: bool = False
     """Accepted for compatibility; every call streams internally already."""
+    logprobs: bool | None = None
+    """Return each token's log-probability in `response_metadata["logprobs"]`
+    (OpenAI's shape: `{"content": [{"token", "logprob", "bytes",
+    "top_logprobs"}, ...]}`), on invoke and on every stream chunk."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `logprobs`, also the N likeliest tokens at each position (0-20)."""
 
     model_config = ConfigDict(
         extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True
@@ -220,8 +234,12 @@ class ChatMLX(BaseChatModel, EngineFields):
 
     @model_validator(mode="after")
     def _load(self) -> Self:
+        # pydantic may run this again on the same object (e.g. when it is
+        # passed as a field): loading is keyed by the model, so nothing doubles
         if self.llm is None:
-            self.llm = MLXPipeline.from_model_id(self.model or DEFAULT_MODEL)
+            self.llm = MLXPipeline.from_model_id(
+                self.model or DEFAULT_MODEL, **self._engine_options()
+            )
         elif self.model is not None and self.model != self.llm.model_id:
             msg = (
                 f"model={self.model!r} but llm runs {self.llm.model_id!r}: pass one "
@@ -233,7 +251,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         if self.tokenizer is None:
             self.tokenizer = self.llm.tokenizer
         self._field_settings()  # fail at construction, not at the first call
-        self._configure_engine(self._pipeline.engine)
+        self._pipeline.engine.require_options(self._engine_options())
         return self
 
     @property
@@ -253,6 +271,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         names = (
             "temperature", "max_tokens", "top_p", "top_k", "min_p", "seed", "stop",
             "repetition_penalty", "repetition_context_size", "timeout",
+            "logprobs", "top_logprobs",
         )  # fmt: skip
         values = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         self._pipeline.default_settings.with_overrides(values)  # validates
@@ -295,9 +314,10 @@ class ChatMLX(BaseChatModel, EngineFields):
         for name in _LANGCHAIN_INTERNAL_KWARGS:
             kwargs.pop(name, None)
         engine, tokenizer, model_name = self._engine_for(kwargs.pop("model", None))
+        tools = kwargs.pop("tools", None)
         plan = plan_call(
             tokenizer,
-            kwargs.pop("tools", None),
+            format_tools(tools) if tools is not None else None,
             kwargs.pop("tool_choice", None),
             kwargs.pop("parallel_tool_calls", None),
             kwargs.pop("response_format", None),
@@ -312,23 +332,33 @@ class ChatMLX(BaseChatModel, EngineFields):
         if stop is not None:
             settings = settings.with_overrides({"stop": stop})
         ids = self._render(tokenizer, messages, plan)
-        processors = []
+        # fail in milliseconds, before compiling a grammar or queueing
+        engine.check_fits(len(ids), settings.max_tokens)
+        constraint = None
         if plan.grammar is not None:
             compiler = ConstraintCompiler.for_tokenizer(tokenizer)
-            processors.append(compiler.processor(plan.grammar, plan.grammar_what))
+            constraint = compiler.processor(plan.grammar, plan.grammar_what)
         assembler = ChunkAssembler(
             model_name,
             tool_names=plan.tool_names if plan.parse_tools else frozenset(),
             start=plan.call_format.start,
             end=plan.call_format.end,
             parser=plan.parser,
-            # constrained output is the answer, never reasoning
-            reasoning=None if plan.grammar else _reasoning_splitter(tokenizer, ids),
             tools=plan.template_tools,
             parallel=plan.parallel,
+            forced=plan.parse_tools and plan.grammar is not None,
+        )
+        rules = TextRules(
+            # constrained output is the answer, never reasoning
+            think=None if plan.grammar else _think_markers(tokenizer),
+            thinking_open=_thinking_open(tokenizer, ids),
+            tool_start=plan.call_format.start if plan.parse_tools else None,
+            tool_end=plan.call_format.end if plan.parse_tools else None,
+            bare_json_calls=plan.parse_tools,
+            calls_only=plan.parse_tools and plan.grammar is not None,
         )
         request = Request(
-            prompt_ids=ids, settings=settings, logits_processors=processors
+            prompt_ids=ids, settings=settings, constraint=constraint, text=rules
         )
         return engine, request, assembler
 
@@ -354,13 +384,15 @@ class ChatMLX(BaseChatModel, EngineFields):
     ) -> Iterator[ChatGenerationChunk]:
         engine, request, assembler = self._prepare(messages, stop, kwargs)
         turn.append(assembler)
-        for event in engine.submit(request):
-            if (message := assembler.chunk(event)) is None:
-                continue
-            chunk = ChatGenerationChunk(message=message)
-            if run_manager and message.content:
-                run_manager.on_llm_new_token(str(message.content), chunk=chunk)
-            yield chunk
+        handle = engine.submit(request)
+        try:
+            for event in handle:
+                if (chunk := _generation_chunk(assembler, event)) is not None:
+                    if run_manager and chunk.text:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        finally:
+            handle.close()  # cancels the request if we stopped early
 
     async def _arun(
         self,
@@ -376,13 +408,15 @@ class ChatMLX(BaseChatModel, EngineFields):
             self._prepare, messages, stop, kwargs
         )
         turn.append(assembler)
-        async for event in engine.submit(request, loop=asyncio.get_running_loop()):
-            if (message := assembler.chunk(event)) is None:
-                continue
-            chunk = ChatGenerationChunk(message=message)
-            if run_manager and message.content:
-                await run_manager.on_llm_new_token(str(message.content), chunk=chunk)
-            yield chunk
+        handle = engine.submit(request, loop=asyncio.get_running_loop())
+        try:
+            async for event in handle:
+                if (chunk := _generation_chunk(assembler, event)) is not None:
+                    if run_manager and chunk.text:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        finally:
+            handle.close()  # cancels the request if we stopped early
 
     def _stream(
         self,
@@ -430,6 +464,96 @@ class ChatMLX(BaseChatModel, EngineFields):
         turn[0].finish(result.generations[0].message)
         return result
 
+    # -- batches: submitted together -------------------------------------------
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Run several inputs as one batch: they reach the engine together.
+
+        As `Runnable.batch` (`max_concurrency` is honoured), except that the
+        requests enter the engine's batch in the same step, so they decode
+        together and their common prompt start is prefilled once.
+        """
+        if len(inputs) < 2:
+            return super().batch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
+            )
+        configs = get_config_list(config, len(inputs))
+        workers = min(configs[0].get("max_concurrency") or len(inputs), len(inputs))
+        group = SubmissionGroup(workers)
+
+        def one(item: LanguageModelInput, item_config: RunnableConfig) -> Any:
+            with group.slot():
+                try:
+                    return self.invoke(item, item_config, **kwargs)
+                except Exception as e:
+                    if return_exceptions:
+                        return e
+                    raise
+
+        try:
+            with ContextThreadPoolExecutor(max_workers=workers) as executor:
+                return list(executor.map(one, inputs, configs))
+        finally:
+            group.flush()
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Async `batch`: the requests reach the engine together."""
+        if len(inputs) < 2:
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
+            )
+        configs = get_config_list(config, len(inputs))
+        limit = configs[0].get("max_concurrency")
+        group = SubmissionGroup(min(limit or len(inputs), len(inputs)))
+
+        async def one(item: LanguageModelInput, item_config: RunnableConfig) -> Any:
+            with group.slot():
+                try:
+                    return await self.ainvoke(item, item_config, **kwargs)
+                except Exception as e:
+                    if return_exceptions:
+                        return e
+                    raise
+
+        try:
+            return list(
+                await gather_with_concurrency(
+                    limit, *(one(i, c) for i, c in zip(inputs, configs, strict=True))
+                )
+            )
+        finally:
+            group.flush()
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the model: cancel what runs and free its memory.
+
+        The model's engine is shared by every `ChatMLX`/`MLXPipeline` on the
+        same model; all of them stop working (create one again to reload).
+        """
+        self._pipeline.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- tools and structured output -----------------------------------------
 
     def bind_tools(
@@ -450,14 +574,22 @@ class ChatMLX(BaseChatModel, EngineFields):
         the tool's argument schema, so the call is valid by construction
         (`strict` is accepted: such calls are always strict).
         `parallel_tool_calls=True` lets a forced turn hold several calls.
+
+        Raises:
+            TypeError: `tools` is not a list, an item is not a tool, or a part
+                of a tool has the wrong type (e.g. `parameters` not a dict).
+            ValueError: a tool name is missing, duplicated or not
+                `^[a-zA-Z0-9_-]{1,64}$`; `parameters` is not a JSON Schema
+                object; `tool_choice` names no bound tool.
+
         """
         del strict  # forced calls are always grammar-constrained
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = format_tools(tools)  # TypeError/ValueError naming the bad tool
         # Fail now, not at the first call: bad tool_choice, uncompilable schemas.
         plan = plan_call(
             self.tokenizer, formatted, tool_choice, parallel_tool_calls, None
         )
-        self._check_grammar(plan.grammar, plan.grammar_what)
+        self._check_plan(plan)
         return self.bind(
             tools=formatted,
             tool_choice=tool_choice,
@@ -497,12 +629,21 @@ class ChatMLX(BaseChatModel, EngineFields):
         else:
             response_format = response_format_for(schema, method)
             plan = plan_call(self.tokenizer, None, None, None, response_format)
-            self._check_grammar(plan.grammar, plan.grammar_what)
+            self._check_plan(plan)
             llm = self.bind(
                 response_format=response_format, ls_structured_output_format=ls_format
             )
         parser = output_parser(schema, method, tool_name)
         return with_raw(llm, parser) if include_raw else llm | parser
+
+    def _check_plan(self, plan: CallPlan) -> None:
+        """Fail at bind time for tools or a schema the model cannot take.
+
+        Too large for the context window, or a grammar the compiler cannot enforce.
+        """
+        probe = self._render(self.tokenizer, [HumanMessage("hi")], plan)
+        self._pipeline.engine.check_fits(len(probe), 1)
+        self._check_grammar(plan.grammar, plan.grammar_what)
 
     def _check_grammar(self, grammar: str | None, what: str) -> None:
         if grammar is not None:
@@ -556,12 +697,27 @@ class ChatMLX(BaseChatModel, EngineFields):
         return len(self._render(self.tokenizer, messages, plan))
 
 
-def _reasoning_splitter(
-    tokenizer: Any, prompt_ids: list[int]
-) -> ReasoningSplitter | None:
-    """A splitter for thinking models (mlx-lm knows their think markers)."""
+def _generation_chunk(
+    assembler: ChunkAssembler, event: Segment | Final
+) -> ChatGenerationChunk | None:
+    message = assembler.chunk(event)
+    return None if message is None else ChatGenerationChunk(message=message)
+
+
+def _think_markers(tokenizer: Any) -> tuple[str, str] | None:
+    """A thinking model's reasoning markers (mlx-lm knows them), if any."""
     if not getattr(tokenizer, "has_thinking", False):
         return None
-    start, end = tokenizer.think_start, tokenizer.think_end
+    return str(tokenizer.think_start), str(tokenizer.think_end)
+
+
+def _thinking_open(tokenizer: Any, prompt_ids: list[int]) -> bool:
+    """Whether the prompt ends inside the reasoning block.
+
+    Templates of reasoning models often end the generation prompt with `<think>`.
+    """
+    markers = _think_markers(tokenizer)
+    if markers is None:
+        return False
     tail = tokenizer.decode(prompt_ids[-8:])
-    return ReasoningSplitter(start, end, inside=tail.rstrip().endswith(start))
+    return bool(tail.rstrip().endswith(markers[0]))

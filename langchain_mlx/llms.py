@@ -8,6 +8,7 @@ Generation goes through the model's `Engine`, the same path `ChatMLX` uses.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,28 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
-from langchain_mlx._engine import ENGINE_OPTION_NAMES, Delta, Engine, Final, Request
-from langchain_mlx._models import DEFAULT_MODEL, resolve_model
 from langchain_mlx._output import response_metadata, usage_metadata
 from langchain_mlx._settings import GenerationSettings, canonical_settings
+from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.types import (
+    ENGINE_OPTION_NAMES,
+    Final,
+    Request,
+    Segment,
+    TextRules,
+)
+from langchain_mlx.engine.worker import Engine
+from langchain_mlx.models.prepare import DEFAULT_MODEL, load_model, resolve_model
 
 
 class EngineFields(BaseModel):
     """Batching and prefix-cache options of the model's engine.
 
     One engine runs each model for the whole process, shared by every
-    `MLXPipeline` and `ChatMLX` on that model: these fields set its options (the
-    last one set wins); `None` keeps the engine's current value.
+    `MLXPipeline` and `ChatMLX` on that model. These fields apply when the model
+    is first loaded; asking for different values once it runs raises (they
+    would change it for everyone): use `.engine.configure(...)` for that.
+    `None` takes the default (or the running engine's value).
     """
 
     max_batch_size: int | None = Field(default=None, ge=1)
@@ -47,8 +58,8 @@ class EngineFields(BaseModel):
     prefix_cache_bytes: int | None = Field(default=None, ge=0)
     """Byte budget of those caches (default 2 GiB); least recently used go first."""
 
-    def _configure_engine(self, engine: Engine) -> None:
-        engine.configure(**{name: getattr(self, name) for name in ENGINE_OPTION_NAMES})
+    def _engine_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ENGINE_OPTION_NAMES}
 
 
 class MLXPipeline(LLM, EngineFields):
@@ -99,6 +110,9 @@ class MLXPipeline(LLM, EngineFields):
 
     @model_validator(mode="after")
     def _load(self) -> Self:
+        private = getattr(self, "__pydantic_private__", None) or {}
+        if "_engine" in private:  # pydantic re-validating this same object
+            return self
         self._defaults = GenerationSettings().with_overrides(
             canonical_settings(self.pipeline_kwargs or {}, where="pipeline_kwargs")
         )
@@ -109,10 +123,18 @@ class MLXPipeline(LLM, EngineFields):
             path = resolve_model(self.model_id)
             self._engine = Engine.for_path(
                 path,
+                loader=functools.partial(
+                    load_model,
+                    path,
+                    adapter_path=self.adapter_file,
+                    lazy=self.lazy,
+                    tokenizer_config=self.tokenizer_config,
+                ),
                 name=self.model_id,
                 adapter_path=self.adapter_file,
                 lazy=self.lazy,
                 tokenizer_config=self.tokenizer_config,
+                options=self._engine_options(),
             )
             self.model = self._engine.model
             self.tokenizer = self._engine.tokenizer
@@ -127,10 +149,12 @@ class MLXPipeline(LLM, EngineFields):
                 )
                 raise ValueError(msg)
             self._engine = Engine.for_objects(
-                self.model, self.tokenizer, name=self.model_id
+                self.model,
+                self.tokenizer,
+                name=self.model_id,
+                options=self._engine_options(),
             )
             self.tokenizer = self._engine.tokenizer
-        self._configure_engine(self._engine)
         return self
 
     @classmethod
@@ -189,7 +213,9 @@ class MLXPipeline(LLM, EngineFields):
         )
         if stop is not None:  # a call's stop list replaces the default one
             settings = settings.with_overrides({"stop": stop})
-        return Request(prompt_ids=self._encode(prompt), settings=settings)
+        return Request(
+            prompt_ids=self._encode(prompt), settings=settings, text=TextRules()
+        )
 
     def _encode(self, prompt: str) -> list[int]:
         bos = getattr(self.tokenizer, "bos_token", None)
@@ -218,12 +244,42 @@ class MLXPipeline(LLM, EngineFields):
         """
         return self._engine.load_prefix(path)
 
-    def _chunk(self, event: Delta | Final) -> GenerationChunk:
-        if isinstance(event, Delta):
-            return GenerationChunk(text=event.text)
+    def _chunk(self, event: Segment | Final) -> GenerationChunk:
+        if isinstance(event, Segment):
+            entries = [e.as_openai() for e in event.logprobs]
+            return GenerationChunk(
+                text=event.text,
+                generation_info={"logprobs": {"content": entries}} if entries else None,
+            )
         info = response_metadata(event, self.model_id)
         info["usage"] = dict(usage_metadata(event))
         return GenerationChunk(text="", generation_info=info)
+
+    def _read(
+        self, handle: RequestHandle, run_manager: CallbackManagerForLLMRun | None
+    ) -> Iterator[GenerationChunk]:
+        try:
+            for event in handle:
+                chunk = self._chunk(event)
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            handle.close()  # cancels the request if we stopped early
+
+    async def _aread(
+        self,
+        handle: RequestHandle,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+    ) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for event in handle:
+                chunk = self._chunk(event)
+                if run_manager and chunk.text:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            handle.close()  # cancels the request if we stopped early
 
     def _stream(
         self,
@@ -233,25 +289,27 @@ class MLXPipeline(LLM, EngineFields):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         handle = self._engine.submit(self._request(prompt, stop, kwargs))
-        for event in handle:
-            chunk = self._chunk(event)
-            if run_manager and chunk.text:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        return self._read(handle, run_manager)
 
-    async def _astream(
+    def _astream(
         self,
         prompt: str,
         stop: list[str] | None = None,
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
+        return self._astream_gen(prompt, stop, run_manager, kwargs)
+
+    async def _astream_gen(
+        self,
+        prompt: str,
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[GenerationChunk]:
         request = self._request(prompt, stop, kwargs)
         handle = self._engine.submit(request, loop=asyncio.get_running_loop())
-        async for event in handle:
-            chunk = self._chunk(event)
-            if run_manager and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in self._aread(handle, run_manager):
             yield chunk
 
     def _generate(
@@ -261,13 +319,18 @@ class MLXPipeline(LLM, EngineFields):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        # The stream, combined: keeps finish_reason, usage and speeds.
-        return LLMResult(
-            generations=[
-                [_combine(list(self._stream(p, stop, run_manager, **kwargs)))]
-                for p in prompts
+        # All prompts enter the batch together; the streams, combined, keep
+        # finish_reason, usage and speeds.
+        requests = [self._request(p, stop, dict(kwargs)) for p in prompts]
+        handles = self._engine.submit_many(requests)
+        try:
+            generations = [
+                [_combine(list(self._read(h, run_manager)))] for h in handles
             ]
-        )
+        finally:
+            for h in handles:
+                h.close()
+        return LLMResult(generations=generations)
 
     async def _agenerate(
         self,
@@ -276,11 +339,34 @@ class MLXPipeline(LLM, EngineFields):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        generations = []
-        for p in prompts:
-            chunks = [c async for c in self._astream(p, stop, run_manager, **kwargs)]
-            generations.append([_combine(chunks)])
+        requests = [self._request(p, stop, dict(kwargs)) for p in prompts]
+        handles = self._engine.submit_many(requests, loop=asyncio.get_running_loop())
+        try:
+            generations = []
+            for h in handles:
+                chunks = [c async for c in self._aread(h, run_manager)]
+                generations.append([_combine(chunks)])
+        finally:
+            for h in handles:
+                h.close()
         return LLMResult(generations=generations)
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the model: cancel what runs and free its memory.
+
+        The engine is shared by every object on the same model; all of them
+        stop working (create one again to reload it).
+        """
+        self._engine.close()
+        self.model = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _call(
         self,
@@ -302,7 +388,14 @@ class MLXPipeline(LLM, EngineFields):
 
 def _combine(chunks: list[GenerationChunk]) -> Generation:
     text = "".join(c.text for c in chunks)
-    info = next(
-        (c.generation_info for c in reversed(chunks) if c.generation_info), None
-    )
-    return Generation(text=text, generation_info=info)
+    info = dict(chunks[-1].generation_info or {}) if chunks else {}
+    entries = [
+        entry
+        for c in chunks
+        for entry in ((c.generation_info or {}).get("logprobs") or {}).get(
+            "content", []
+        )
+    ]
+    if entries:
+        info["logprobs"] = {"content": entries}
+    return Generation(text=text, generation_info=info or None)

@@ -9,7 +9,7 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from langchain_mlx import ChatMLX, MLXPipeline
-from langchain_mlx._models import DEFAULT_MODEL
+from langchain_mlx.models.prepare import DEFAULT_MODEL
 
 QUESTION = "What is the capital of France?"
 

@@ -13,7 +13,7 @@ import pytest
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._models import DEFAULT_MODEL
+from langchain_mlx.models.prepare import DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from langchain_mlx._models import (
+from langchain_mlx.models.prepare import (
     DEFAULT_MODEL,
     MARKER_FILE,
     prepare_model,

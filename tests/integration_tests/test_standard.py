@@ -1,6 +1,6 @@
 """langchain-tests' standard integration suite against the real SmolLM2-135M-Instruct.
 
-The model is prepared from its PyPI-shipped GGUF by `langchain_mlx._models`.
+The model is prepared from its PyPI-shipped GGUF by `langchain_mlx.models.prepare`.
 SmolLM2's chat template has no tools section (tools travel in a system
 instruction) and a 135M model rarely chooses a tool or finishes a JSON string
 inside the short `max_tokens` CI can afford: the tests that need a capable model
@@ -21,7 +21,7 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._models import DEFAULT_MODEL, write_tiny_model
+from langchain_mlx.models.prepare import DEFAULT_MODEL, write_tiny_model
 
 from .test_standard_qwen import NEEDS_A_CAPABLE_MODEL
 

@@ -19,8 +19,8 @@ from langchain_core.messages import (
 from pydantic import ValidationError
 
 from langchain_mlx import ChatMLX, MLXPipeline
-from langchain_mlx._engine import GenerationTimeoutError
 from langchain_mlx._messages import UnsupportedContentError
+from langchain_mlx.engine.types import GenerationTimeoutError
 
 # Random weights are near-uniform: sample (seeded) to get varied tokens.
 SAMPLED = {"temperature": 1.0, "seed": 7}

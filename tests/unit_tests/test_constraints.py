@@ -74,10 +74,16 @@ def test_function_calling_and_json_mode(chat: ChatMLX, seed: int) -> None:
         "A point.", seed=seed
     )
     assert set(point) == {"x", "y"}
-    obj = chat.with_structured_output(None, method="json_mode").invoke(
-        "Anything.", seed=seed, max_tokens=60
-    )
-    assert isinstance(obj, dict)
+    out = chat.with_structured_output(
+        None, method="json_mode", include_raw=True
+    ).invoke("Anything.", seed=seed, max_tokens=60)
+    # a random-weight model may not close its object in 60 tokens: then the
+    # cut is reported, never a "repaired" prefix
+    if out["raw"].response_metadata["finish_reason"] == "length":
+        assert "max_tokens" in str(out["parsing_error"])
+        assert out["parsed"] is None
+    else:
+        assert isinstance(out["parsed"], dict)
 
 
 class GetWeather(BaseModel):

@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._engine import (
-    Delta,
-    Engine,
+from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.types import (
     EngineOptions,
     EngineOverloadedError,
     Final,
     GenerationTimeoutError,
     Request,
+    Segment,
 )
-from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.worker import Engine
 
 
 def settings(i: int, **overrides: Any) -> GenerationSettings:
@@ -43,9 +43,18 @@ def make_engine(tiny_model_path: str) -> Iterator[Callable[..., Engine]]:
     model, tokenizer = load(tiny_model_path)
     made: list[Engine] = []
 
-    def make(name: str = "tiny-batching", **options: Any) -> Engine:
-        made.append(Engine(model, tokenizer, name=name, **options))
-        return made[-1]
+    def make(
+        name: str = "tiny-batching", batched: bool | None = None, **options: Any
+    ) -> Engine:
+        engine = Engine(
+            model,
+            tokenizer,
+            name=name,
+            options=EngineOptions(**options),
+            batched=batched,
+        )
+        made.append(engine)
+        return engine
 
     yield make
     for engine in made:
@@ -66,9 +75,9 @@ def prompts(engine: Engine) -> list[list[int]]:
     ]
 
 
-def text_of(events: list[Delta | Final]) -> str:
+def text_of(events: list[Segment | Final]) -> str:
     assert isinstance(events[-1], Final)
-    return "".join(e.text for e in events if isinstance(e, Delta))
+    return "".join(e.text for e in events if isinstance(e, Segment))
 
 
 def solo(engine: Engine, request: Request) -> str:
@@ -112,9 +121,9 @@ def test_a_newcomer_joins_a_running_batch(
     expected = solo(engine, short)
     long_run = iter(engine.submit(Request(prompts[0], settings(0, max_tokens=5000))))
     for _ in range(3):
-        assert isinstance(next(long_run), Delta)
+        assert isinstance(next(long_run), Segment)
     assert solo(engine, short) == expected  # done while the long one runs
-    assert isinstance(next(long_run), Delta)
+    assert isinstance(next(long_run), Segment)
     assert engine.largest_batch == 2
     cancelled = engine.finished["cancelled"]
     long_run.close()  # stop reading: the request leaves the batch
@@ -223,9 +232,8 @@ def test_a_failing_processor_or_timeout_fails_only_its_request(
 def test_beyond_the_queue_submit_raises_a_clear_error(
     make_engine: Callable[..., Engine], prompts: list[list[int]]
 ) -> None:
-    options = EngineOptions(max_batch_size=1, max_queue=1)
-    engine = make_engine("tiny-small", options=options)
-    endless = Request(prompts[0], settings(0, max_tokens=100_000))
+    engine = make_engine("tiny-small", max_batch_size=1, max_queue=1)
+    endless = Request(prompts[0], settings(0, max_tokens=8000))
     running, waiting = engine.submit(endless), engine.submit(endless)
     with pytest.raises(EngineOverloadedError, match=r"max_queue=1 waiting"):
         engine.submit(endless)

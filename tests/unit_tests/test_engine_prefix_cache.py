@@ -16,9 +16,10 @@ import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from langchain_mlx import ChatMLX
-from langchain_mlx._engine import Delta, Engine, Final, Request
-from langchain_mlx._prefix_cache import PrefixCacheFileError
 from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.prefix_cache import PrefixCacheFileError
+from langchain_mlx.engine.types import Final, Request, Segment
+from langchain_mlx.engine.worker import Engine
 
 SAMPLED = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
 
@@ -49,7 +50,7 @@ def run(engine: Engine, ids: list[int], **settings: Any) -> tuple[str, Final]:
     events = list(engine.submit(Request(ids, GenerationSettings(**settings))))
     final = events[-1]
     assert isinstance(final, Final)
-    return "".join(e.text for e in events if isinstance(e, Delta)), final
+    return "".join(e.text for e in events if isinstance(e, Segment)), final
 
 
 def ids_of(loaded: tuple[Any, Any], text: str) -> list[int]:
@@ -219,7 +220,7 @@ def test_chat_save_and_load_prompt_cache(chat: ChatMLX, tmp_path: Path) -> None:
 
 
 def test_shared_prefixes_groups_prompts_that_start_alike() -> None:
-    from langchain_mlx._prefix_cache import common_length, shared_prefixes
+    from langchain_mlx.engine.prefix_cache import common_length, shared_prefixes
 
     prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9, 9], [7, 7, 7], [1, 2, 3, 4, 6]]
     assert shared_prefixes(prompts, 2) == [(3, [0, 3, 1])]
@@ -233,13 +234,20 @@ def test_shared_prefixes_groups_prompts_that_start_alike() -> None:
 def test_requests_sent_together_prefill_their_common_start_once(
     engine: Engine, cold: Engine, loaded: tuple[Any, Any]
 ) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     shared = ids_of(loaded, "You are an agent with tools: search, add, read. " * 4)
     prompts = [[*shared, *ids_of(loaded, f" Branch {i} asks {i}?")] for i in range(4)]
     alone = [run(cold, p, **SAMPLED)[0] for p in prompts]
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda p: run(engine, p, **SAMPLED), prompts))
+    # submitted together (no timing involved): they enter the batch in one step
+    handles = engine.submit_many(
+        [Request(p, GenerationSettings(**SAMPLED)) for p in prompts]
+    )
+    together = []
+    for handle in handles:
+        events = list(handle)
+        final = events[-1]
+        assert isinstance(final, Final)
+        text = "".join(e.text for e in events if isinstance(e, Segment))
+        together.append((text, final))
     assert [text for text, _ in together] == alone
     # Each branch read the shared start from the cache: it was prefilled once.
     assert all(final.cached_tokens >= len(shared) for _, final in together)

@@ -1,4 +1,4 @@
-"""Unit tests of langchain_mlx._models: offline, on fake wheels and a tiny GGUF."""
+"""Unit tests of langchain_mlx.models.prepare: offline, on fake wheels and a tiny GGUF."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from langchain_mlx import _models
-from langchain_mlx._models import (
+from langchain_mlx.models import prepare as _models
+from langchain_mlx.models.prepare import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
     MARKER_FILE,
@@ -449,7 +449,7 @@ def test_prepare_tokenizer_and_tiny_model(
 def test_concurrent_prepare_converts_once(
     home: Path, tiny_gguf_model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import langchain_mlx._gguf as gguf_module
+    import langchain_mlx.models.gguf as gguf_module
 
     calls: list[int] = []
     real = gguf_module.convert_gguf

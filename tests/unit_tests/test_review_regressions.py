@@ -10,12 +10,11 @@ from pydantic import BaseModel
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._constraints import close_objects, tool_call_schema
-from langchain_mlx._engine import Delta
 from langchain_mlx._messages import render_text
 from langchain_mlx._output import ChunkAssembler, parse_tool_calls
 from langchain_mlx._tools import normalize_tool_choice, plan_call
 
-from .test_tool_parsing import FakeFinal
+from .test_tool_parsing import FakeFinal, routed
 
 NAMES = {"get_weather"}
 TOOL = {
@@ -31,13 +30,20 @@ TOOL = {
 def test_a_malformed_call_is_not_lost_when_streamed() -> None:
     asm = ChunkAssembler("m", tool_names=frozenset(NAMES))
     raw = '{"name": "get_weather", "arguments": {"city": "Par'
-    chunks = [asm.chunk(Delta(raw)), asm.chunk(FakeFinal())]
-    streamed = "".join(str(c.content) for c in chunks if c is not None)
-    assert raw in streamed  # a streaming consumer still sees what the model said
-    merged = AIMessage(content=streamed)
-    asm.finish(merged)  # invoke: the text moves to invalid_tool_calls
-    assert merged.content == ""
-    assert merged.invalid_tool_calls[0]["args"] == raw
+    chunks = [c for seg in routed([raw]) if (c := asm.chunk(seg)) is not None]
+    chunks.append(asm.chunk(FakeFinal()))
+    streamed = chunks[0]
+    for c in chunks[1:]:
+        streamed += c
+    # streamed and invoked agree: no content, one invalid call with the raw text
+    assert streamed.content == ""
+    assert not streamed.tool_calls  # not "repaired" into a call to Par
+    [invalid] = streamed.invalid_tool_calls
+    assert raw in (invalid["args"], json.loads(invalid["args"] or '""'))
+    invoked = AIMessage(content="")
+    asm.finish(invoked)
+    assert invoked.content == ""
+    assert invoked.invalid_tool_calls[0]["args"] == raw
 
 
 def test_ordinary_json_with_a_nested_name_is_content() -> None:
@@ -60,7 +66,8 @@ def test_truncated_json_that_is_not_a_call_stays_content() -> None:
 def test_parallel_false_keeps_the_first_call() -> None:
     asm = ChunkAssembler("m", tool_names=frozenset(NAMES), parallel=False)
     two = '{"name": "get_weather", "arguments": {"city": "A"}}\n{"name": "get_weather", "arguments": {"city": "B"}}'
-    asm.chunk(Delta(two))
+    for seg in routed([two]):
+        asm.chunk(seg)
     asm.chunk(FakeFinal())
     assert asm.parsed is not None
     assert [c["args"] for c in asm.parsed.tool_calls] == [{"city": "A"}]

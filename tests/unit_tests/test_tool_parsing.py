@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from langchain_mlx._engine import Delta
 from langchain_mlx._output import ChunkAssembler, parse_tool_calls
 from langchain_mlx._tools import normalize_tool_choice
+from langchain_mlx.engine.text import TextRouter
+from langchain_mlx.engine.types import Segment, TextRules
 
 NAMES = {"get_weather", "add"}
 
@@ -109,6 +110,14 @@ class FakeFinal:
     time_to_first_token: float = 0.1
     peak_memory_gb: float = 0.1
     cached_tokens: int = 0
+    constrained: bool = False
+
+
+def routed(pieces: list[str], rules: TextRules | None = None) -> list[Segment]:
+    """Pieces of decoded text as the engine routes them (tools bound)."""
+    router = TextRouter(rules or TextRules(bare_json_calls=True))
+    out = [p for piece in pieces for p in router.push(piece)] + router.finish()
+    return [Segment(p.text, p.kind) for p in out]
 
 
 def test_tool_call_text_is_not_streamed_as_content() -> None:
@@ -120,7 +129,7 @@ def test_tool_call_text_is_not_streamed_as_content() -> None:
         'me": "get_weather", ',
         '"arguments": {"city": "Paris"}}',
     ]
-    streamed = [c for p in pieces if (c := asm.chunk(Delta(p))) is not None]
+    streamed = [c for seg in routed(pieces) if (c := asm.chunk(seg)) is not None]
     assert "".join(str(c.content) for c in streamed) == "Sure, one moment. "
     last = asm.chunk(FakeFinal())
     assert last is not None and last.chunk_position == "last"
@@ -132,7 +141,7 @@ def test_tool_call_text_is_not_streamed_as_content() -> None:
 
 def test_without_a_call_held_text_comes_back_as_content() -> None:
     asm = ChunkAssembler("m", tool_names=frozenset(NAMES))
-    streamed = [asm.chunk(Delta(p)) for p in ["Use {braces}", " freely"]]
+    streamed = [asm.chunk(seg) for seg in routed(["Use {braces}", " freely"])]
     last = asm.chunk(FakeFinal())
     text = "".join(str(c.content) for c in [*streamed, last] if c is not None)
     assert text == "Use {braces} freely"
@@ -159,40 +168,6 @@ def test_tool_choice_forms(choice: object, expected: str | None) -> None:
 def test_tool_choice_naming_an_unbound_tool_is_an_error() -> None:
     with pytest.raises(ValueError, match="names no bound tool"):
         normalize_tool_choice("launch", ["add"])
-
-
-@pytest.mark.parametrize("inside", [True, False])
-def test_reasoning_is_split_from_the_answer(inside: bool) -> None:
-    from langchain_mlx._output import ReasoningSplitter
-
-    asm = ChunkAssembler(
-        "m", reasoning=ReasoningSplitter("<think>", "</think>", inside=inside)
-    )
-    pieces = ([] if inside else ["<thi", "nk>"]) + [
-        "Let me ",
-        "think.</th",
-        "ink>\n\nParis",
-        ".",
-    ]
-    chunks = [c for p in pieces if (c := asm.chunk(Delta(p))) is not None]
-    chunks.append(asm.chunk(FakeFinal()))
-    full = chunks[0]
-    for c in chunks[1:]:
-        full += c
-    assert full.content == "Paris."
-    assert full.additional_kwargs["reasoning_content"] == "Let me think."
-
-
-def test_no_reasoning_when_the_model_does_not_think() -> None:
-    from langchain_mlx._output import ReasoningSplitter
-
-    asm = ChunkAssembler(
-        "m", reasoning=ReasoningSplitter("<think>", "</think>", inside=False)
-    )
-    chunks = [asm.chunk(Delta(p)) for p in ["<", "b>Paris</b>"]]
-    last = asm.chunk(FakeFinal())
-    text = "".join(str(c.content) for c in [*chunks, last] if c is not None)
-    assert text == "<b>Paris</b>"
 
 
 def test_invalid_tool_call_text_is_kept_in_history() -> None:

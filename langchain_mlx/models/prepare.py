@@ -41,6 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from langchain_mlx.models.loading import (
+    PATH_PREFIXES,
+    check_adapter_folder,
+    check_model_folder,
+    load_model,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,6 +56,9 @@ __all__ = [
     "GGUFModelSpec",
     "ModelPreparationError",
     "cache_dir",
+    "check_adapter_folder",
+    "check_model_folder",
+    "load_model",
     "prepare_model",
     "prepare_tokenizer",
     "resolve_model",
@@ -132,12 +142,56 @@ def cache_dir() -> Path:
 
     ``$LANGCHAIN_MLX_HOME`` if set, else ``$XDG_CACHE_HOME/langchain-mlx``, else
     ``~/.cache/langchain-mlx``. The folder is not created here.
+
+    Raises:
+        ModelPreparationError: that path is a file.
+
     """
     if home := os.environ.get(HOME_ENV):
-        return Path(home).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "langchain-mlx"
-    return Path.home() / ".cache" / "langchain-mlx"
+        folder = Path(home).expanduser()
+    elif xdg := os.environ.get("XDG_CACHE_HOME"):
+        folder = Path(xdg).expanduser() / "langchain-mlx"
+    else:
+        folder = Path.home() / ".cache" / "langchain-mlx"
+    if folder.exists() and not folder.is_dir():
+        msg = (
+            f"the langchain-mlx cache folder {str(folder)!r} ({_cache_source()}) is "
+            f"a file, not a folder; set {HOME_ENV} to a folder (created if missing)"
+        )
+        raise ModelPreparationError(msg)
+    return folder
+
+
+def _cache_source() -> str:
+    if os.environ.get(HOME_ENV):
+        return f"from {HOME_ENV}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return "from XDG_CACHE_HOME"
+    return "the default"
+
+
+def _writable_cache_dir() -> Path:
+    """Create the cache folder if needed; raise unless this process can write it."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelPreparationError(_unusable_cache(folder, e)) from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ModelPreparationError(_unusable_cache(folder, None))
+    return folder
+
+
+def _unusable_cache(folder: Path, error: OSError | None) -> str:
+    why = (
+        f"cannot be created or written ({error.strerror or error})"
+        if error
+        else "is read-only"
+    )
+    return (
+        f"the langchain-mlx cache folder {str(folder)!r} ({_cache_source()}) {why}; "
+        f"models are prepared there. Set {HOME_ENV} to a folder you can write"
+    )
 
 
 def _report(progress: Progress | None, message: str) -> None:
@@ -217,10 +271,12 @@ def _build_atomically(final: Path, build: Callable[[Path], Path]) -> Path:
 
 @contextlib.contextmanager
 def _disk_full_is_actionable(spec: GGUFModelSpec, what: str) -> Iterator[None]:
-    """Turn "no space left on device" into a ModelPreparationError."""
+    """Turn "no space left on device" and an unwritable cache into errors to act on."""
     try:
         yield
     except OSError as e:
+        if e.errno in _UNWRITABLE and _in_cache(e.filename):
+            raise ModelPreparationError(_unusable_cache(cache_dir(), e)) from e
         if e.errno != errno.ENOSPC:
             raise
         needed = max(spec.disk_needed, 3 * spec.size) / 1e9
@@ -230,6 +286,18 @@ def _disk_full_is_actionable(spec: GGUFModelSpec, what: str) -> Iterator[None]:
             f"{HOME_ENV} to a folder on a disk with more room."
         )
         raise ModelPreparationError(msg) from e
+
+
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
+
+
+def _in_cache(filename: Any) -> bool:
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    try:
+        return Path(os.fspath(filename)).is_relative_to(cache_dir())
+    except (TypeError, ValueError, ModelPreparationError):
+        return False
 
 
 def _check_free_space(spec: GGUFModelSpec, progress: Progress | None) -> None:
@@ -410,13 +478,14 @@ def prepare_tokenizer(name: str, *, progress: Progress | None = None) -> Path:
     final = cache_dir() / "tokenizers" / name
     if _is_complete(final, spec, "tokenizer.json"):
         return final
+    _writable_cache_dir()
     with _disk_full_is_actionable(spec, "the tokenizer of"), _locked(f"tok-{name}"):
         if _is_complete(final, spec, "tokenizer.json"):
             return final
         gguf_path = _ensure_gguf(spec, progress)
 
         def build(tmp: Path) -> Path:
-            from langchain_mlx._gguf import GGUFFile, write_tokenizer
+            from langchain_mlx.models.gguf import GGUFFile, write_tokenizer
 
             out = tmp / "tokenizer"
             write_tokenizer(GGUFFile(gguf_path), out)
@@ -438,13 +507,15 @@ def prepare_model(
     ``force=True`` rebuilds it (from the cached GGUF when present).
 
     Raises:
-        ModelPreparationError: unknown name, pip failure, hash mismatch, disk full.
+        ModelPreparationError: unknown name, pip failure, hash mismatch, disk full,
+            a cache folder that is a file or cannot be written.
 
     """
     spec = _spec(name)
     final = cache_dir() / "models" / name
     if not force and _is_complete(final, spec, "config.json"):
         return final
+    _writable_cache_dir()
     with _disk_full_is_actionable(spec, "model"), _locked(f"model-{name}", progress):
         if not force and _is_complete(final, spec, "config.json"):
             return final
@@ -452,7 +523,7 @@ def prepare_model(
         gguf_path = _ensure_gguf(spec, progress)
 
         def build(tmp: Path) -> Path:
-            from langchain_mlx._gguf import convert_gguf
+            from langchain_mlx.models.gguf import convert_gguf
 
             out = tmp / "model"
             _report(progress, f"Converting {gguf_path.name} (takes a while)")
@@ -463,9 +534,6 @@ def prepare_model(
         _build_atomically(final, build)
         _report(progress, f"Model {name} is ready in {final}")
         return final
-
-
-_PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
 def resolve_model(model: str, *, progress: Progress | None = None) -> str:
@@ -487,7 +555,7 @@ def resolve_model(model: str, *, progress: Progress | None = None) -> str:
             )
             raise ModelPreparationError(msg)
         return str(path)
-    if path.exists() or model.startswith(_PATH_PREFIXES):
+    if path.exists() or model.startswith(PATH_PREFIXES):
         what = "is not a folder" if path.exists() else "does not exist"
         msg = (
             f"model path {model!r} {what}; pass a folder made by mlx_lm.convert, "
@@ -516,7 +584,7 @@ def write_tiny_model(
     import numpy as np
     from tokenizers import Tokenizer
 
-    from langchain_mlx._gguf import TOKENIZER_FILES, stop_token_ids
+    from langchain_mlx.models.gguf import TOKENIZER_FILES, stop_token_ids
 
     if hidden_size <= 0 or hidden_size % 32:
         msg = f"hidden_size must be a positive multiple of 32, got {hidden_size}"

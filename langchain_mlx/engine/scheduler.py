@@ -14,10 +14,17 @@
    prefills it;
 2. drops cancelled and timed-out requests at once (`BatchGenerator.remove`);
 3. runs `BatchGenerator.next()`: one decode step for every generating request
-   and one prefill chunk for the newcomers, so a long prompt never holds the
-   running streams for more than one chunk (smaller while others decode);
-4. detokenizes each new token, matches stop strings (`StopMatcher`), and
-   finishes requests, keeping their KV caches in the prefix cache.
+   and one prefill chunk for the newcomers, sized from the measured prefill
+   speed to take about `STEP_SECONDS`, so a long prompt never holds the running
+   streams (or a `close()`) for longer than that;
+4. hands each new token to the request's `RequestText` (detokenizer, stop
+   strings, reasoning and tool-call routing, log-probabilities) and finishes
+   requests, keeping their KV caches in the prefix cache.
+
+Failures stay with their request: a logits processor, sampler, detokenizer or
+cache store that raises ends that request with its own error (typed errors of
+ours as they are, anything else as `RequestFailedError`); the batch goes on.
+Only a failure of the batch step itself fails every request in it.
 
 A lone request takes the same path: `BatchGenerator` at batch size 1 decodes as
 fast as `generate_step` (measured: benchmarks/results/stream.md), so there is
@@ -40,24 +47,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_mlx._engine import (
-    Delta,
+from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.prefix_cache import (
+    PrefixCache,
+    common_length,
+    shared_prefixes,
+)
+from langchain_mlx.engine.text import RequestText
+from langchain_mlx.engine.types import (
     Final,
+    GenerationSettings,
     GenerationTimeoutError,
     LogitsProcessor,
     Request,
-    RequestHandle,
+    RequestFailedError,
+    TokenLogprob,
 )
-from langchain_mlx._prefix_cache import PrefixCache, common_length, shared_prefixes
-from langchain_mlx._settings import GenerationSettings
-from langchain_mlx._stop import StopMatcher
 
 logger = logging.getLogger(__name__)
 
 Sampler = Callable[[Any], Any]
 
-PREFILL_STEP = 512  # prompt tokens per chunk when no stream is waiting on it
-PREFILL_STEP_WHILE_DECODING = 128  # per chunk while other requests decode
+# A prefill step is sized from the measured prefill speed to take about this
+# long, so live streams keep flowing and close()/Ctrl-C wait at most one step.
+STEP_SECONDS = 0.25
+PREFILL_MIN, PREFILL_MAX = 8, 512  # prompt tokens per step
 SHARED_PREFIX_MIN = 16  # tokens worth prefilling once for several requests
 
 
@@ -77,8 +91,8 @@ class _Live:
     waits_for: int | None = None  # uid of the sequence prefilling its start
     checked: bool = False  # looked for a shared start already
     error: BaseException | None = None
-    detokenizer: Any = None
-    stops: StopMatcher | None = None
+    text: RequestText | None = None
+    last_token: int | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -124,6 +138,9 @@ class Scheduler:
         self._providers: dict[int, list[int]] = {}  # uid -> tokens others await
         self.largest_batch = 0
         """The most requests live at once so far."""
+        self._prefill_chunk = 16  # until the first prefill step is measured
+        self._rate: float | None = None
+        self._progress: dict[int, int] = {}
 
     @property
     def busy(self) -> bool:
@@ -157,16 +174,17 @@ class Scheduler:
         if not self._live and not self._jobs:
             return
         generator = self._ensure_generator()
-        decoding = any(live.decoding for live in self._live.values())
-        generator.prefill_step_size = (
-            PREFILL_STEP_WHILE_DECODING if decoding else PREFILL_STEP
-        )
+        generator.prefill_step_size = self._prefill_chunk
+        tic = time.perf_counter()
         try:
             prompt_responses, responses = generator.next()
         except Exception as e:  # the batch is unusable: fail its requests
             logger.debug("batch step failed", exc_info=True)
-            self.fail_all(e)
+            error = RequestFailedError(f"the batch step failed: {e}")
+            error.__cause__ = e
+            self.fail_all(error)
             return
+        self._measure_prefill(prompt_responses, time.perf_counter() - tic)
         for p in prompt_responses:
             if p.end_of_prompt and p.uid in self._live:
                 self._live[p.uid].decoding = True
@@ -181,6 +199,21 @@ class Scheduler:
                 self._jobs.discard(r.uid)
         self._remove(to_remove)
 
+    def _measure_prefill(self, prompt_responses: list[Any], seconds: float) -> None:
+        """Size the next prefill step from this one's speed (prompt tokens/s)."""
+        tokens = 0
+        for p in prompt_responses:
+            done = p.progress[0] if isinstance(p.progress, tuple) else 0
+            tokens += max(0, done - self._progress.get(p.uid, 0))
+            self._progress[p.uid] = done
+            if p.end_of_prompt:
+                self._progress.pop(p.uid, None)
+        if tokens >= PREFILL_MIN and seconds > 0:
+            rate = tokens / seconds
+            self._rate = rate if self._rate is None else 0.5 * (self._rate + rate)
+            chunk = int(self._rate * STEP_SECONDS)
+            self._prefill_chunk = max(PREFILL_MIN, min(PREFILL_MAX, chunk))
+
     def fail_all(self, error: BaseException) -> None:
         """Deliver `error` to every request and start from an empty batch."""
         for live in [*self._live.values(), *self._waiting]:
@@ -189,9 +222,16 @@ class Scheduler:
         self._waiting.clear()
         self._jobs.clear()
         self._providers.clear()
+        self._progress.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the batch generator and everything it holds."""
         if self._generator is not None:
-            self._generator.close()
-            self._generator = None
+            try:
+                self._generator.close()
+            finally:
+                self._generator = None
 
     # -- admission ------------------------------------------------------------
 
@@ -204,13 +244,13 @@ class Scheduler:
                     self._model,
                     completion_batch_size=self._max_batch_size,
                     prefill_batch_size=self._max_batch_size,
-                    prefill_step_size=PREFILL_STEP,
+                    prefill_step_size=self._prefill_chunk,
                 )
             else:
-                from langchain_mlx._serial import SerialGenerator
+                from langchain_mlx.engine.serial import SerialGenerator
 
                 self._generator = SerialGenerator(
-                    self._model, prefill_step_size=PREFILL_STEP
+                    self._model, prefill_step_size=self._prefill_chunk
                 )
         return self._generator
 
@@ -307,19 +347,24 @@ class Scheduler:
         return uid, cached
 
     def _insert(self, live: _Live) -> None:
-        settings = live.request.settings
-        processors = [_guarded(p, live) for p in _processors(settings, live.request)]
+        request = live.request
+        settings = request.settings
+        processors = [_guarded(p, live) for p in _processors(settings, request)]
         uid, cached = self._insert_tokens(
-            list(live.request.prompt_ids),
+            list(request.prompt_ids),
             max_tokens=settings.max_tokens,
             processors=processors,
-            sampler=make_request_sampler(settings),
+            sampler=_guarded_sampler(make_request_sampler(settings), live),
         )
         live.uid = uid
         live.cached = cached
         live.admitted = time.perf_counter()
-        live.detokenizer = self._tokenizer.detokenizer  # a fresh copy per call
-        live.stops = StopMatcher(settings.stop)
+        live.text = RequestText(
+            request.text,
+            settings.stop,
+            self._tokenizer.detokenizer,  # a fresh copy per call
+            with_logprobs=settings.logprobs,
+        )
         self._live[uid] = live
         self.largest_batch = max(self.largest_batch, len(self._live))
 
@@ -342,47 +387,88 @@ class Scheduler:
     # -- delivery -------------------------------------------------------------
 
     def _on_token(self, live: _Live, r: Any, to_remove: list[_Live]) -> None:
-        if live.error is not None:  # a logits processor failed on this step
+        if live.error is not None:  # its sampler or a logits processor failed
             to_remove.append(live)
             return
         live.generated += 1
         if live.first is None:
             live.first = time.perf_counter()
-        assert live.stops is not None
+        assert live.text is not None
         finish = r.finish_reason
-        if not (finish == "stop" and r.token in self._eos_ids):
-            live.detokenizer.add_token(r.token)
-            text = live.stops.push(live.detokenizer.last_segment)
-            if text:
-                live.handle._put(Delta(text))
-            if live.stops.stopped:
+        eos = finish == "stop" and r.token in self._eos_ids
+        if not eos:
+            live.last_token = r.token
+            try:
+                entry = (
+                    self._logprob(r, live.request.settings.top_logprobs)
+                    if live.request.settings.logprobs
+                    else None
+                )
+                for segment in live.text.add(r.token, entry):
+                    live.handle._put(segment)
+            except Exception as e:  # e.g. the detokenizer: this request only
+                live.error = _request_error("decoding its text", e)
+                finish = "error"
+            if live.text.stopped:
                 finish = "stop"
         if finish is None:
             return
-        if r.finish_reason is None:  # a stop string: still in the batch
-            to_remove.append(live)
+        if r.finish_reason is None or live.error is not None:
+            to_remove.append(live)  # still in the batch: take it out
             return
-        self._prefix.store(r.all_tokens, r.prompt_cache)
+        self._store(r.all_tokens, r.prompt_cache)
         del self._live[live.uid]
-        self._end(live, finish)
+        self._end(live, _finish_reason(live, finish))
+
+    def _logprob(self, r: Any, top: int) -> TokenLogprob:
+        """The chosen token's log-probability and the `top` likeliest tokens."""
+        import mlx.core as mx
+
+        logprobs = r.logprobs
+        chosen = float(logprobs[r.token].item())
+        alternatives: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+        if top > 0:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            id_list: list[int] = list(ids.tolist())  # type: ignore[arg-type]
+            values: list[float] = list(logprobs[ids].tolist())
+            ranked = sorted(zip(id_list, values, strict=True), key=lambda t: -t[1])
+            alternatives = tuple(
+                (text, float(lp), tuple(text.encode()))
+                for i, lp in ranked
+                if lp != float("-inf")
+                for text in (self._tokenizer.decode([int(i)]),)
+            )
+        return TokenLogprob("", chosen, (), alternatives)
+
+    def _store(self, tokens: Any, cache: Any) -> None:
+        """Keep a finished sequence's KV state; a failure here costs reuse only."""
+        if tokens is None or cache is None:
+            return
+        try:
+            self._prefix.store(tokens, cache)
+        except Exception:
+            logger.warning("could not keep a KV cache for reuse", exc_info=True)
 
     def _remove(self, lives: list[_Live]) -> None:
         """Take live requests out of the batch and finish them."""
         if not lives:
             return
         uids = [live.uid for live in lives]
-        caches = self._ensure_generator().remove(uids, return_prompt_caches=True)
+        try:
+            caches = self._ensure_generator().remove(uids, return_prompt_caches=True)
+        except Exception:
+            logger.warning("could not take requests out of the batch", exc_info=True)
+            caches = {}
         now = time.perf_counter()
         for live in lives:
-            del self._live[live.uid]
+            self._live.pop(live.uid, None)
             self._providers.pop(live.uid, None)
             if live.error is None:
                 cache, tokens = caches.get(live.uid, (None, None))
-                if cache is not None and tokens is not None:
-                    self._prefix.store(tokens, cache)
+                self._store(tokens, cache)
             if live.error is not None:
                 self._end(live, "error", error=live.error)
-            elif live.stops is not None and live.stops.stopped:
+            elif live.text is not None and live.text.stopped:
                 self._end(live, "stop")
             elif live.handle.cancelled:
                 self._end(live, "cancelled")
@@ -392,37 +478,61 @@ class Scheduler:
     def _end(
         self, live: _Live, reason: str, *, error: BaseException | None = None
     ) -> None:
-        """Send the request's last events and count it."""
-        import mlx.core as mx
-
+        """Send the request's last events and count it (never raises)."""
+        try:
+            if error is None and reason != "cancelled" and live.text is not None:
+                for segment in live.text.finish():
+                    live.handle._put(segment)
+            if error is None:
+                live.handle._put(self._final(live, reason))
+        except Exception as e:
+            error = _request_error("finishing it", e)
         if error is not None:
             live.handle._put(error)
-            self._on_done("error")
-            return
-        if reason != "cancelled" and live.detokenizer is not None:
-            assert live.stops is not None
-            live.detokenizer.finalize()
-            tail = live.stops.push(live.detokenizer.last_segment) + live.stops.flush()
-            if tail:
-                live.handle._put(Delta(tail))
+        self._on_done("error" if error is not None else reason)
+
+    def _final(self, live: _Live, reason: str) -> Final:
+        import mlx.core as mx
+
         end = time.perf_counter()
         first = live.first if live.first is not None else end
         n_prompt = len(live.request.prompt_ids)
         n = live.generated
-        live.handle._put(
-            Final(
-                finish_reason=reason,
-                prompt_tokens=n_prompt,
-                generation_tokens=n,
-                prompt_tps=(n_prompt - live.cached)
-                / max(first - (live.admitted or first), 1e-9),
-                generation_tps=(n - 1) / (end - first) if n > 1 else 0.0,
-                time_to_first_token=first - live.submitted,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
-                cached_tokens=live.cached,
-            )
+        return Final(
+            finish_reason=reason,
+            prompt_tokens=n_prompt,
+            generation_tokens=n,
+            prompt_tps=(n_prompt - live.cached)
+            / max(first - (live.admitted or first), 1e-9),
+            generation_tps=(n - 1) / (end - first) if n > 1 else 0.0,
+            time_to_first_token=first - live.submitted,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            cached_tokens=live.cached,
+            constrained=live.request.constraint is not None,
         )
-        self._on_done(reason)
+
+
+def _finish_reason(live: _Live, finish: str) -> str:
+    """The finish reason: "length" only when the output is really cut.
+
+    A grammar may be complete exactly at `max_tokens`.
+    """
+    constraint = live.request.constraint
+    if finish == "length" and constraint is not None and live.last_token is not None:
+        try:
+            if constraint.complete_after(live.last_token):
+                return "stop"
+        except Exception:  # the grammar's state is unknown: say it was cut
+            logger.debug("constraint state unknown", exc_info=True)
+    return finish
+
+
+def _request_error(doing: str, e: Exception) -> RequestFailedError:
+    error = RequestFailedError(
+        f"the request failed while {doing}: {type(e).__name__}: {e}"
+    )
+    error.__cause__ = e
+    return error
 
 
 def make_request_sampler(s: GenerationSettings) -> Sampler:
@@ -472,7 +582,8 @@ def _processors(s: GenerationSettings, request: Request) -> list[LogitsProcessor
     penalties = make_logits_processors(
         None, s.repetition_penalty, s.repetition_context_size
     )
-    return [*penalties, *request.logits_processors]
+    constraint = [request.constraint] if request.constraint is not None else []
+    return [*penalties, *request.logits_processors, *constraint]
 
 
 def _guarded(processor: LogitsProcessor, live: _Live) -> LogitsProcessor:
@@ -483,11 +594,35 @@ def _guarded(processor: LogitsProcessor, live: _Live) -> LogitsProcessor:
             return logits
         try:
             return processor(tokens, logits)
-        except Exception as e:
-            live.error = e
+        except Exception as e:  # typed errors (a grammar's) reach the caller as-is
+            live.error = e if _is_ours(e) else _request_error("masking logits", e)
             return logits
 
     return run
+
+
+def _guarded_sampler(sampler: Sampler, live: _Live) -> Sampler:
+    """A sampler whose failure ends its own request (greedy ones cannot fail)."""
+    from mlx_lm.sample_utils import greedy_sampler
+
+    if sampler is greedy_sampler:
+        return greedy_sampler  # shared: a greedy batch samples in one call
+
+    def sample(logprobs: Any) -> Any:
+        import mlx.core as mx
+
+        if live.error is None:
+            try:
+                return sampler(logprobs)
+            except Exception as e:
+                live.error = _request_error("sampling", e)
+        return mx.argmax(logprobs, axis=-1)
+
+    return sample
+
+
+def _is_ours(e: Exception) -> bool:
+    return type(e).__module__.startswith("langchain_mlx")
 
 
 def _timeout_error(live: _Live, now: float) -> GenerationTimeoutError:

@@ -1,6 +1,6 @@
 """GGUF → Hugging Face → MLX conversion, without torch.
 
-The GGUF files we ship models from (see :mod:`langchain_mlx._models`) hold
+The GGUF files we ship models from (see :mod:`langchain_mlx.models.prepare`) hold
 quantized llama / qwen2 weights plus a byte-level BPE tokenizer in their metadata.
 This module turns one into
 
@@ -31,7 +31,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from langchain_mlx._models import ModelPreparationError
+from langchain_mlx.models.prepare import ModelPreparationError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,598 @@
+"""Prefix KV cache: the KV state of recent requests, reused by later prompts.
+
+An agent loop resends its whole conversation at every step (system prompt,
+tools, history); re-reading it dominates the time on a local model. The engine
+keeps the KV caches of finished requests keyed by their token sequence and
+starts each new request from the longest cached prefix, prefilling only the rest.
+
+Storage, lookup and eviction are mlx-lm's `LRUPromptCache` (a token trie, least
+recently used first out, bounded by an entry count and a byte budget). This
+module adds what the engine needs on top of it:
+
+- At least one prompt token is always left to prefill, because the model must
+  produce the logits of the first new token: the lookup is made on
+  ``prompt[:-1]``.
+- Caches that cannot be trimmed (recurrent state, a rotating window that has
+  wrapped) are reused only when a stored sequence is an exact prefix of the
+  prompt; `LRUPromptCache` checks `can_trim_prompt_cache` before trimming.
+- Limits can change at run time; a limit of 0 turns reuse off.
+- `shared_prefixes` finds prompts waiting together that start the same way
+  (parallel branches of one agent, a batch under one system prompt), so the
+  scheduler can prefill their common start once and serve all from the cache.
+- Every entry owns evaluated copies of exactly the tokens it holds. A cache
+  taken from a running batch is a lazy slice of the batch's KV buffer (and a
+  `KVCache` has room for up to 255 more tokens): kept as is, each entry would
+  keep a whole batch buffer alive while the byte budget counted only its slice.
+- One prefix (e.g. a long system prompt and tool definitions) can be saved to a
+  file and loaded in a later process, with its token ids and a fingerprint of
+  the model in the file's metadata. Every way that fails (missing, damaged or
+  foreign file, another model, a destination that cannot be written) raises
+  `PromptCacheError` naming the file, what is wrong and what to do.
+
+Everything here runs on the engine's worker thread (the class is not locked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_mlx.engine.types import PromptCacheError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENTRIES = 10
+DEFAULT_BYTES = 2 << 30  # 2 GiB
+
+_KEY = "model"  # LRUPromptCache can hold several models; an engine has one
+_FORMAT = "langchain-mlx-prefix/1"
+_PREFILL_STEP = 512
+
+
+PrefixCacheFileError = PromptCacheError  # its earlier name, for code that catches it
+
+
+class PromptCacheNotFoundError(PromptCacheError, FileNotFoundError):
+    """No saved prompt cache at the given path (also a `FileNotFoundError`)."""
+
+
+class PrefixCache:
+    """Recent KV caches keyed by token sequence; longest-prefix lookup, LRU out."""
+
+    def __init__(
+        self, entries: int = DEFAULT_ENTRIES, nbytes: int = DEFAULT_BYTES
+    ) -> None:
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._lru = LRUPromptCache(max_size=max(entries, 0), max_bytes=max(nbytes, 0))
+        self.hits = 0
+        """Lookups that reused at least one token."""
+        self.misses = 0
+        """Lookups that found nothing to reuse."""
+        self.reused_tokens = 0
+        """Prompt tokens not prefilled thanks to the cache, in total."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether caches are kept at all (both limits above zero)."""
+        return bool(self._lru.max_size > 0 and self._lru.max_bytes > 0)
+
+    @property
+    def entries(self) -> int:
+        """How many caches are held now."""
+        return len(self._lru)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached KV states now."""
+        return int(self._lru.nbytes)
+
+    def set_limits(self, entries: int, nbytes: int) -> None:
+        """Change the bounds, evicting least recently used caches to meet them."""
+        self._lru.max_size = max(entries, 0)
+        self._lru.max_bytes = max(nbytes, 0)
+        self._lru.trim_to(n_sequences=self._lru.max_size, n_bytes=self._lru.max_bytes)
+
+    def clear(self) -> None:
+        """Drop every cached prefix."""
+        self._lru.trim_to(n_sequences=0)
+
+    def fetch(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+        """A private copy of the longest usable cached prefix of `prompt`.
+
+        Returns the cache (`None` when nothing is reusable) and how many of the
+        prompt's leading tokens it holds; that count is below ``len(prompt)``.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        stored, cached = self._nearest(prompt)
+        if stored is None or cached <= 0:
+            self.misses += 1
+            return None, 0
+        cache = copy.deepcopy(self._lru._trie.get(_KEY, stored).prompt_cache)
+        if len(stored) > cached:
+            trim_prompt_cache(cache, len(stored) - cached)
+        if not _holds(cache, cached):
+            self.misses += 1
+            return None, 0
+        self.hits += 1
+        self.reused_tokens += cached
+        return cache, cached
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` `fetch` would reuse (no copy made)."""
+        return self._nearest(prompt)[1]
+
+    def _nearest(self, prompt: Sequence[int]) -> tuple[list[int] | None, int]:
+        """The stored sequence to start `prompt` from, and how many tokens of it.
+
+        As `LRUPromptCache.fetch_nearest_cache`, but one prompt token is always
+        left to prefill: a stored copy of the whole prompt is trimmed by one, or
+        (when it cannot be trimmed) a shorter stored prefix is used.
+        """
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        if not self.enabled or len(prompt) < 2:
+            return None, 0
+        trie = self._lru._trie  # LRUPromptCache's own index (mlx-lm 0.32)
+        tokens = list(prompt)
+
+        def trimmable(stored: list[int]) -> bool:
+            return bool(can_trim_prompt_cache(trie.get(_KEY, stored).prompt_cache))
+
+        found = trie.search(_KEY, tokens)
+        if found.exact is not None:
+            if trimmable(tokens):
+                return tokens, len(tokens) - 1
+            found = trie.search(_KEY, tokens[:-1])
+            if found.exact is not None:
+                return tokens[:-1], len(tokens) - 1
+        shorter = found.shorter or []
+        if (
+            found.longer is not None
+            and found.common_prefix > len(shorter)
+            and trimmable(found.longer)
+        ):
+            return found.longer, min(len(tokens) - 1, int(found.common_prefix))
+        return (shorter, len(shorter)) if shorter else (None, 0)
+
+    def store(
+        self, tokens: Sequence[int], cache: Sequence[Any], *, kind: str = "assistant"
+    ) -> None:
+        """Keep a copy of `cache` (which holds exactly `tokens`) for later prompts.
+
+        The copy is evaluated and owns exactly the tokens' KV state, whatever
+        `cache` shares (a batch buffer, a file being read); `cache` itself is
+        not kept. `kind` is `LRUPromptCache`'s cache type: "system" entries
+        (saved prefixes) are evicted after "assistant" ones.
+        """
+        if self.enabled and tokens and cache:
+            self._insert(tokens, owned_copy(cache), kind)
+
+    def _insert(self, tokens: Sequence[int], held: list[Any], kind: str) -> None:
+        """Keep `held` (an `owned_copy`), unless it alone exceeds the byte budget.
+
+        `LRUPromptCache` would first evict every other entry to make room, then
+        the new one too.
+        """
+        size = sum(int(c.nbytes) for c in held)
+        if size > self._lru.max_bytes:
+            logger.debug(
+                "not caching %d tokens: %d bytes exceed the budget of %d",
+                len(tokens),
+                size,
+                self._lru.max_bytes,
+            )
+            return
+        self._lru.insert_cache(_KEY, list(tokens), held, cache_type=kind)
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(
+        self, path: str | Path, model: Any, tokens: Sequence[int], *, name: str
+    ) -> int:
+        """Prefill `tokens` (reusing a cached prefix) and write the KV state to `path`.
+
+        Returns how many tokens the file holds. The state is also kept in memory.
+        The file is written next to its destination and then renamed over it,
+        so a failed or interrupted save never leaves a damaged file behind.
+
+        Raises:
+            PromptCacheError: `path` is a folder, its folder does not exist or
+                is not writable, or the file cannot be written.
+
+        """
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
+
+        tokens = list(tokens)
+        if not tokens:
+            msg = "nothing to save: the prefix has no tokens"
+            raise ValueError(msg)
+        file = _destination(path)  # before the prefill, which can take minutes
+        cache, cached = self.fetch([*tokens, 0])  # reuse up to all of `tokens`
+        if cache is None:
+            cache = make_prompt_cache(model)
+        with mx.stream(generation_stream):
+            for start in range(cached, len(tokens), _PREFILL_STEP):
+                chunk = mx.array(tokens[start : start + _PREFILL_STEP])
+                model(chunk[None], cache=cache)
+                mx.eval([c.state for c in cache])
+        held = owned_copy(cache)  # also what is written: no room for more tokens
+        metadata = {
+            "format": _FORMAT,
+            "model": name,
+            "fingerprint": model_fingerprint(model),
+            "tokens": json.dumps(tokens),
+        }
+        # Unique per thread; ends in the suffix mx.save_safetensors would append.
+        writer = f"{os.getpid()}-{threading.get_ident()}"
+        partial = file.with_name(f".{file.stem}.{writer}.partial.safetensors")
+        try:
+            save_prompt_cache(str(partial), held, metadata)
+            partial.replace(file)
+        except (OSError, RuntimeError) as e:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            msg = (
+                f"cannot write the prompt cache to {str(file)!r} ({e}); check that "
+                "the folder is writable and the disk has room, or pass another path"
+            )
+            raise PromptCacheError(msg) from e
+        if self.enabled:
+            self._insert(tokens, held, "system")
+        return len(tokens)
+
+    def load(self, path: str | Path, model: Any) -> list[int]:
+        """Read a prefix written by `save` into this cache; return its token ids.
+
+        The file is read at once: changing or deleting it later does not
+        affect the cache.
+
+        Raises:
+            PromptCacheNotFoundError: there is no file at `path` (a
+                `PromptCacheError` and a `FileNotFoundError`).
+            PromptCacheError: `path` is a folder; the file is damaged, not a
+                prompt cache saved by langchain-mlx, or was saved from a
+                different model.
+
+        """
+        file = _safetensors_path(path)
+        if _is_dir(Path(path)) or _is_dir(file):
+            msg = (
+                f"{str(path)!r} is a folder; pass the .safetensors file that "
+                "save_prompt_cache wrote"
+            )
+            raise PromptCacheError(msg)
+        if not os.path.lexists(file):
+            msg = (
+                f"no saved prompt cache at {str(file)!r}; save one first with "
+                "save_prompt_cache, or check the path"
+            )
+            raise PromptCacheNotFoundError(msg)
+        metadata = _read_metadata(file)
+        tokens = _check_metadata(file, metadata, model)
+        cache = _read_cache(file, model, len(tokens))
+        if self.enabled:
+            self._insert(tokens, cache, "system")
+        return tokens
+
+
+def shared_prefixes(
+    prompts: Sequence[Sequence[int]], min_tokens: int
+) -> list[tuple[int, list[int]]]:
+    """Groups of two or more prompts that share at least `min_tokens` leading tokens.
+
+    Returns `(length, indices)` per group: the group's common prefix length
+    (short of every member's last token, which its own request must prefill)
+    and the members' positions in `prompts`. Groups are runs of the prompts in
+    sorted order, so each prompt is in at most one group.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = order[:1]
+    length = 0
+    for a, b in itertools.pairwise(order):
+        n = common_length(
+            prompts[a], prompts[b], min(len(prompts[a]), len(prompts[b])) - 1
+        )
+        if n >= min_tokens:
+            length = min(length, n) if len(members) > 1 else n
+            members.append(b)
+            continue
+        if len(members) > 1:
+            groups.append((length, members))
+        members = [b]
+    if len(members) > 1:
+        groups.append((length, members))
+    return groups
+
+
+def common_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit`."""
+    limit = min(limit, len(a), len(b))
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short digest of a model's configuration and a sample of its weights."""
+    from mlx.utils import tree_flatten
+
+    args = getattr(model, "args", None)
+    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
+    digest = hashlib.sha256()
+    digest.update(type(model).__module__.encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    params = tree_flatten(model.parameters())
+    for _, array in (params[0], params[-1]) if params else ():
+        digest.update(str(array.shape).encode())
+        digest.update(json.dumps(array.reshape(-1)[:32].tolist()).encode())
+    return digest.hexdigest()[:20]
+
+
+def _holds(cache: list[Any], n_tokens: int) -> bool:
+    """False when a KV cache's length visibly disagrees with its token count."""
+    offset = getattr(cache[0], "offset", None) if cache else None
+    if isinstance(offset, int) and offset != n_tokens:
+        logger.warning(
+            "discarding a cached prefix: it holds %d tokens, expected %d",
+            offset,
+            n_tokens,
+        )
+        return False
+    return True
+
+
+# -- owned copies ---------------------------------------------------------------
+
+
+def owned_copy(cache: Sequence[Any]) -> list[Any]:
+    """Evaluated copies of `cache`'s layers that own exactly the tokens they hold.
+
+    What the caches handed to `store` are: `BatchGenerator.extract_cache`, a
+    finished response's `prompt_cache` and `remove(..., return_prompt_caches=
+    True)` give `KVCache`s whose arrays are lazy `mx.contiguous` slices of the
+    batch's buffer, which keep that whole buffer alive until evaluated (and
+    `mx.contiguous` keeps sharing a parent buffer up to 16 KB larger than the
+    slice); a prefilled `KVCache` has room for up to 255 more tokens; arrays
+    from `mx.load` are read from their file only when evaluated. Each copy is
+    cut to the tokens held and written to a fresh buffer, so the layer's
+    `nbytes` (what the byte budget adds up) is what it holds, but for the
+    allocator's rounding (it may recycle a freed buffer up to two pages larger).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    held = [_owned_layer(layer) for layer in cache]
+    states = tree_flatten([c.state for c in held])
+    mx.eval([a for _, a in states if isinstance(a, mx.array)])
+    return held
+
+
+def _owned_layer(layer: Any) -> Any:
+    from mlx.utils import tree_map
+    from mlx_lm.models.cache import CacheList
+
+    if isinstance(layer, CacheList):
+        return CacheList(*(_owned_layer(c) for c in layer.caches))
+    held = copy.copy(layer)
+    held.state = tree_map(_fresh, _used_state(layer))
+    return held
+
+
+def _used_state(layer: Any) -> Any:
+    """`layer.state` with KV buffers cut to the positions in use.
+
+    Only for the cache types whose layout is known; others are kept whole.
+    """
+    from mlx.utils import tree_map
+    from mlx_lm.models.cache import (
+        ChunkedKVCache,
+        KVCache,
+        QuantizedKVCache,
+        RotatingKVCache,
+    )
+
+    state = layer.state
+    kind = type(layer)
+    if getattr(layer, "keys", None) is None:
+        return state
+    if kind in (KVCache, QuantizedKVCache):
+        used = layer.offset
+    elif kind is ChunkedKVCache:
+        used = layer.offset - layer.start_position
+    elif kind is RotatingKVCache and layer.offset == layer._idx:  # not wrapped
+        used = layer._idx
+    else:
+        return state
+
+    def cut(a: Any) -> Any:  # (batch, heads, positions, dims), quantized or not
+        return a[..., :used, :] if a.shape[-2] > used else a
+
+    keys, values, *rest = state
+    return (tree_map(cut, keys), tree_map(cut, values), *rest)
+
+
+def _fresh(x: Any) -> Any:
+    """A new buffer of exactly `x`'s size (anything else passes through).
+
+    Slicing shares the parent's buffer, and `mx.contiguous`, `astype` and
+    `copy.deepcopy` may too; an elementwise op on an array that something else
+    still holds (the caller's cache does) writes a buffer of its own.
+    """
+    import mlx.core as mx
+
+    return x * mx.array(1, dtype=x.dtype) if isinstance(x, mx.array) else x
+
+
+# -- files ----------------------------------------------------------------------
+
+
+def _safetensors_path(path: str | Path) -> Path:
+    # mx.save_safetensors appends the suffix when it is missing; load must agree.
+    path = Path(path)
+    return (
+        path
+        if path.suffix == ".safetensors"
+        else path.with_name(path.name + ".safetensors")
+    )
+
+
+def _destination(path: str | Path) -> Path:
+    """The file `save` writes for `path`, or why it cannot be written there."""
+    file = _safetensors_path(path)
+    if _is_dir(Path(path)) or _is_dir(file):
+        msg = (
+            f"{str(path)!r} is a folder; pass a file path in it, such as "
+            f"{str(Path(path) / 'prefix.safetensors')!r}"
+        )
+        raise PromptCacheError(msg)
+    folder = file.parent
+    if not os.path.lexists(folder):
+        msg = (
+            f"cannot save the prompt cache to {str(file)!r}: the folder "
+            f"{str(folder)!r} does not exist; create it first or pass another path"
+        )
+        raise PromptCacheError(msg)
+    if not _is_dir(folder):
+        msg = (
+            f"cannot save the prompt cache to {str(file)!r}: {str(folder)!r} is a "
+            "file, not a folder; pass a path in a folder"
+        )
+        raise PromptCacheError(msg)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        msg = (
+            f"cannot save the prompt cache to {str(file)!r}: the folder "
+            f"{str(folder)!r} is not writable; pass a path in a folder you can "
+            "write to"
+        )
+        raise PromptCacheError(msg)
+    return file
+
+
+def _is_dir(path: Path) -> bool:
+    # Path.is_dir raises for some errors (a name too long); the write or read
+    # that follows reports them with the path.
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _read_metadata(file: Path) -> dict[str, str]:
+    """The safetensors metadata of `file` (its arrays are not read yet)."""
+    import mlx.core as mx
+
+    try:
+        loaded: Any = mx.load(str(file), return_metadata=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        msg = (
+            f"{str(file)!r} cannot be read as a prompt cache: it is not a complete "
+            f"safetensors file ({e}); it may be truncated, damaged or another kind "
+            "of file; save the prefix again with save_prompt_cache"
+        )
+        raise PromptCacheError(msg) from e
+    return dict(loaded[1])
+
+
+def _check_metadata(file: Path, metadata: dict[str, str], model: Any) -> list[int]:
+    """The token ids a file saved by `save` holds, after checking its metadata.
+
+    `save_prompt_cache` stores our metadata dict flattened under "0." (then the
+    cache classes under "1.", the scalar types under "2.").
+    """
+    found = metadata.get("0.format")
+    if found != _FORMAT:
+        if found is not None and found.startswith(_FORMAT.rsplit("/", 1)[0]):
+            what = f"it was saved by another version of langchain-mlx ({found!r})"
+        else:
+            what = (
+                "it is a safetensors file that langchain-mlx's save_prompt_cache "
+                f"did not write (format {found!r}, expected {_FORMAT!r})"
+            )
+        msg = (
+            f"{str(file)!r} is not a prompt cache this version can load: {what}; "
+            "save the prefix again with save_prompt_cache"
+        )
+        raise PromptCacheError(msg)
+    if metadata.get("0.fingerprint") != model_fingerprint(model):
+        msg = (
+            f"{str(file)!r} was saved from model {metadata.get('0.model')!r}, "
+            "whose weights or shape differ from this one; load it with that "
+            "model, or save the prefix again with this one"
+        )
+        raise PromptCacheError(msg)
+    try:
+        tokens = json.loads(metadata["0.tokens"])
+    except (KeyError, ValueError) as e:
+        tokens = e
+    if not (
+        isinstance(tokens, list)
+        and tokens
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
+    ):
+        msg = (
+            f"{str(file)!r} is damaged: its token ids (metadata 'tokens') are "
+            "missing or not a list of integers; save the prefix again"
+        )
+        raise PromptCacheError(msg)
+    return tokens
+
+
+def _read_cache(file: Path, model: Any, n_tokens: int) -> list[Any]:
+    """The KV state in `file`, read now and checked against the model and tokens."""
+    from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache
+
+    malformed = (AttributeError, IndexError, KeyError, TypeError, ValueError)
+    try:
+        cache = owned_copy(load_prompt_cache(str(file)))
+    except (*malformed, RuntimeError) as e:  # RuntimeError: MLX reading arrays
+        msg = (
+            f"{str(file)!r} is damaged: its arrays do not form a KV cache ({e!r}); "
+            "save the prefix again"
+        )
+        raise PromptCacheError(msg) from e
+    expected = [type(c).__name__ for c in make_prompt_cache(model)]
+    layers = [type(c).__name__ for c in cache]
+    if layers != expected:
+        problem: str | None = (
+            f"it has {len(layers)} cache layers ({', '.join(sorted(set(layers)))}), "
+            f"the model {len(expected)} ({', '.join(sorted(set(expected)))})"
+        )
+    else:
+        problem = next(filter(None, (_layer_problem(c, n_tokens) for c in cache)), None)
+    if problem is not None:
+        msg = f"{str(file)!r} is damaged: {problem}; save the prefix again"
+        raise PromptCacheError(msg)
+    return cache
+
+
+def _layer_problem(layer: Any, n_tokens: int) -> str | None:
+    """Why a loaded cache layer cannot hold `n_tokens` tokens (None: it can)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import CacheList
+
+    if isinstance(layer, CacheList):
+        problems = (_layer_problem(c, n_tokens) for c in layer.caches)
+        return next(filter(None, problems), None)
+    offset = getattr(layer, "offset", None)
+    if isinstance(offset, int) and offset != n_tokens:
+        return f"its KV state holds {offset} tokens, its metadata lists {n_tokens}"
+    keys = getattr(layer, "keys", None)
+    first = keys[0] if isinstance(keys, (list, tuple)) else keys
+    if isinstance(first, mx.array) and first.shape[-2] < layer.size():
+        return f"its key arrays hold {first.shape[-2]} positions of {layer.size()}"
+    return None

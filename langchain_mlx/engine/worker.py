@@ -1,0 +1,619 @@
+"""The engine: one loaded model, one worker thread, and its lifetime.
+
+Flow::
+
+    Engine.submit(Request) -> RequestHandle          (caller thread: limits checked)
+        worker thread: Scheduler.step()              (scheduler.py)
+            admit: PrefixCache.fetch -> BatchGenerator.insert
+            BatchGenerator.next(): one token for every live request
+            RequestText: detokenize, stop strings, reasoning, tool calls (text.py)
+            handle._put(Segment ...) ... (Final)
+    for event in handle / async for event in handle  (handle.py)
+
+Why a worker thread: mlx-lm generates on a thread-local stream, so every step
+of one generation must run on the same thread (LangChain's default async path
+hops threads between chunks and crashes with `[StreamContext] Destroyed in a
+different thread`). One thread per model also means a model is loaded once per
+process, and concurrent requests (threads, asyncio tasks, `batch`) meet in one
+place where they can share a batch and each other's prompt prefixes.
+
+Lifetime: `Engine.for_path` returns the one engine of a model folder (however
+often pydantic re-validates the objects that ask for it). `close()` cancels
+what is running, drops the model, the tokenizer and the cached KV states, and
+returns their memory; interpreter exit closes every engine in well under a
+second (the worker checks between steps, and a prefill step is sized to take
+about a quarter of a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from langchain_mlx.engine.handle import POLL_SECONDS, RequestHandle
+from langchain_mlx.engine.types import (
+    ENGINE_OPTION_NAMES,
+    ContextWindowExceededError,
+    EngineOptions,
+    EngineOverloadedError,
+    EngineStoppedError,
+    Request,
+    RequestFailedError,
+)
+
+if TYPE_CHECKING:
+    from langchain_mlx.engine.prefix_cache import PrefixCache
+    from langchain_mlx.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[Any, Any]]
+
+_CLOSE_WAIT_SECONDS = 5.0  # close(): how long to wait for the current step
+_EXIT_WAIT_SECONDS = 1.0  # at interpreter exit
+_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_ctx",
+                 "seq_length", "context_length", "max_seq_len")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Submission:
+    handle: RequestHandle
+    request: Request
+    submitted: float
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A function to run on the worker thread (e.g. saving a prefix)."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except Exception as e:
+            self.future.set_exception(e)
+
+
+_Item = list[_Submission] | _Task | None
+
+
+class Engine:
+    """Owns one loaded model and tokenizer and the thread that runs them."""
+
+    _registry: dict[tuple[Any, ...], Engine] = {}  # noqa: RUF012
+    _registry_lock = threading.Lock()
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        options: EngineOptions | None = None,
+        batched: bool | None = None,
+    ) -> None:
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        from langchain_mlx.engine.prefix_cache import PrefixCache
+
+        if not isinstance(tokenizer, TokenizerWrapper):
+            tokenizer = TokenizerWrapper(tokenizer)
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self.name = name
+        self._options = options or EngineOptions()
+        self._options.validate()
+        self._batched = batched  # None: batch when the model's caches allow it
+        self.context_length: int | None = context_length_of(model)
+        """The model's context window in tokens (from its config), if known."""
+        self.prefix_cache: PrefixCache = PrefixCache(
+            self._options.prefix_cache_entries, self._options.prefix_cache_bytes
+        )
+        """Recent KV caches reused across requests (read its counters freely;
+        it is changed on the worker thread only)."""
+        self._eos_ids = frozenset(int(i) for i in tokenizer.eos_token_ids)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight = 0  # submitted and not yet finished
+        self._closing = False
+        self._parked = threading.Event()
+        self._scheduler: Scheduler | None = None
+        self._applied: EngineOptions | None = None  # options the worker applied
+        self.finished: collections.Counter[str] = collections.Counter()
+        """How many requests ended with each finish reason (and "error")."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"langchain-mlx-engine[{name}]", daemon=True
+        )
+        _LIVE.add(self)
+        self._thread.start()
+
+    # -- construction: one engine per model per process ----------------------
+
+    @classmethod
+    def for_path(
+        cls,
+        path: str,
+        *,
+        loader: Loader,
+        name: str | None = None,
+        adapter_path: str | None = None,
+        lazy: bool = False,
+        tokenizer_config: dict[str, Any] | None = None,
+        options: dict[str, int | None] | None = None,
+    ) -> Engine:
+        """The engine for a model folder or hub id, loaded by `loader` on first use.
+
+        `options` (engine option names; None: keep) apply when the engine is
+        created; asking an existing engine for different ones raises, since the
+        engine is shared (change them with `configure`).
+        """
+        key = ("path", path, adapter_path, lazy, json.dumps(tokenizer_config or {}))
+        with cls._registry_lock:
+            engine = cls._registry.get(key)
+            if engine is not None and engine.alive:
+                engine.require_options(options)
+                return engine
+            logger.info("loading MLX model %s", path)
+            model, tokenizer = loader()
+            engine = cls(model, tokenizer, name=name or path, options=_options(options))
+            engine._key = key
+            cls._registry[key] = engine
+            return engine
+
+    @classmethod
+    def for_objects(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        options: dict[str, int | None] | None = None,
+    ) -> Engine:
+        """The engine for a model and tokenizer the user loaded themselves."""
+        key = ("objects", id(model), id(tokenizer))
+        with cls._registry_lock:
+            engine = cls._registry.get(key)
+            if engine is not None and engine.alive and engine.model is model:
+                engine.require_options(options)
+                return engine
+            engine = cls(model, tokenizer, name=name, options=_options(options))
+            engine._key = key
+            cls._registry[key] = engine
+            return engine
+
+    _key: tuple[Any, ...] | None = None
+
+    def require_options(self, options: dict[str, Any] | None) -> None:
+        """Raise ValueError if `options` (None: any) differ from this engine's."""
+        asked = {k: v for k, v in (options or {}).items() if v is not None}
+        differ = {k: v for k, v in asked.items() if getattr(self._options, k) != v}
+        if differ:
+            now = {k: getattr(self._options, k) for k in differ}
+            msg = (
+                f"the MLX engine for {self.name!r} is already running with {now}; "
+                f"it is shared by every object that uses this model, so {differ} "
+                "cannot apply. Pass the options where the model is first loaded, "
+                "or change them for everyone with `.engine.configure(...)`."
+            )
+            raise ValueError(msg)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is taking requests."""
+        return not self._closing and self._worker_running()
+
+    def _worker_running(self) -> bool:
+        return self._thread.is_alive() and not self._parked.is_set()
+
+    def check_alive(self) -> None:
+        """Raise `EngineStoppedError` if the engine is closed or its worker gone."""
+        if self._closing or not self._worker_running():
+            what = "was closed" if self._closing else "has stopped"
+            msg = (
+                f"the MLX engine for {self.name!r} {what}; create the model again "
+                "(e.g. ChatMLX(model=...)) to load it anew"
+            )
+            raise EngineStoppedError(msg)
+
+    def close(self, *, wait: float = _CLOSE_WAIT_SECONDS) -> None:
+        """Cancel what runs, free the model and its caches; idempotent.
+
+        Requests still running end with `EngineStoppedError`. Every object using
+        this model stops working (a new one loads the model again). Waits up to
+        `wait` seconds for the current step to finish.
+        """
+        with self._registry_lock:
+            if self._key is not None and self._registry.get(self._key) is self:
+                del self._registry[self._key]
+        _LIVE.discard(self)
+        if self._closing:
+            self._parked.wait(timeout=wait)
+            return
+        self._closing = True
+        self._queue.put(None)  # wake an idle worker
+        if threading.current_thread() is not self._thread:
+            self._parked.wait(timeout=wait)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- configuration ----------------------------------------------------------
+
+    @property
+    def options(self) -> EngineOptions:
+        """The current batching and caching options."""
+        return self._options
+
+    def configure(self, **options: int | None) -> None:
+        """Change some `EngineOptions` for every user of this model (None: keep).
+
+        Takes effect before the worker's next step.
+        """
+        unknown = set(options) - set(ENGINE_OPTION_NAMES)
+        if unknown:
+            msg = (
+                f"unknown engine option(s) {sorted(unknown)}; "
+                f"accepted: {', '.join(ENGINE_OPTION_NAMES)}"
+            )
+            raise ValueError(msg)
+        changes = {k: v for k, v in options.items() if v is not None}
+        if not changes:
+            return
+        with self._lock:
+            updated = replace(self._options, **changes)
+            updated.validate()
+            self._options = updated
+
+    # -- requests ---------------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise `ContextWindowExceededError` unless prompt + max_tokens fit."""
+        limit = self.context_length
+        if limit is None or prompt_tokens + max_tokens <= limit:
+            return
+        if prompt_tokens >= limit:
+            advice = (
+                "shorten the conversation (drop or summarise old turns, trim tool "
+                "results, use fewer or smaller tools/schemas)"
+            )
+        else:
+            advice = f"lower max_tokens to at most {limit - prompt_tokens}"
+        msg = (
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} tokens do not fit the context window of "
+            f"{self.name!r} ({limit} tokens); {advice}"
+        )
+        raise ContextWindowExceededError(msg)
+
+    def submit(
+        self, request: Request, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RequestHandle:
+        """Queue a request; read its events from the returned handle.
+
+        Raises:
+            ContextWindowExceededError: the prompt plus max_tokens do not fit.
+            EngineOverloadedError: `max_batch_size + max_queue` requests are
+                already in flight.
+            EngineStoppedError: the engine was closed or its worker died.
+
+        """
+        submission = self._admit(request, loop)
+        slot = _SLOT.get()
+        if slot is None or not slot.hold(self, submission):
+            self._queue.put([submission])
+        return submission.handle
+
+    def submit_many(
+        self,
+        requests: Sequence[Request],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> list[RequestHandle]:
+        """Submit requests together: they enter the batch in the same step."""
+        submissions: list[_Submission] = []
+        try:
+            for request in requests:
+                submissions.append(self._admit(request, loop))
+        except BaseException:
+            for s in submissions:
+                s.handle.cancel()
+            self._queue.put(submissions)  # counted in flight: let the worker end them
+            raise
+        self._queue.put(submissions)
+        return [s.handle for s in submissions]
+
+    def _admit(
+        self, request: Request, loop: asyncio.AbstractEventLoop | None
+    ) -> _Submission:
+        self.check_alive()
+        if not request.prompt_ids:
+            msg = "the prompt is empty: at least one token is needed to generate"
+            raise ValueError(msg)
+        self.check_fits(len(request.prompt_ids), request.settings.max_tokens)
+        with self._lock:
+            opts = self._options
+            if self._in_flight >= opts.max_batch_size + opts.max_queue:
+                msg = (
+                    f"the MLX engine for {self.name!r} is overloaded: "
+                    f"{self._in_flight} requests are in flight (max_batch_size="
+                    f"{opts.max_batch_size} decoding + max_queue={opts.max_queue} "
+                    "waiting). Limit concurrency (e.g. batch(..., config="
+                    "{'max_concurrency': n})), retry later, or raise max_queue."
+                )
+                raise EngineOverloadedError(msg)
+            self._in_flight += 1
+        handle = RequestHandle(self.check_alive, loop)
+        return _Submission(handle, request, time.perf_counter())
+
+    def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
+        """Write the KV state of `prompt_ids` to `path` (`.safetensors`).
+
+        Runs on the worker between decode steps (live streams pause while the
+        prefix is prefilled). Returns the number of tokens saved.
+        """
+        ids = list(prompt_ids)
+        self.check_fits(len(ids), 0)
+
+        def save() -> int:
+            return self.prefix_cache.save(path, self.model, ids, name=self.name)
+
+        return int(self._call(save))
+
+    def load_prefix(self, path: str | Path) -> int:
+        """Load a prefix written by `save_prefix` into the prefix cache.
+
+        Later prompts that start with it skip prefilling it. Returns its length
+        in tokens.
+        """
+        return len(self._call(lambda: self.prefix_cache.load(path, self.model)))
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (waits for the worker to do it)."""
+        self._call(self.prefix_cache.clear)
+
+    @property
+    def largest_batch(self) -> int:
+        """The most requests this engine has decoded together so far."""
+        return self._scheduler.largest_batch if self._scheduler is not None else 0
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread and return its result."""
+        self.check_alive()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(_Task(fn, future))
+        while True:
+            try:
+                return future.result(timeout=POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                self.check_alive()
+
+    def _request_done(self, reason: str) -> None:
+        """Called by the worker when a request has sent its last event."""
+        with self._lock:
+            self.finished[reason] += 1
+            self._in_flight -= 1
+
+    # -- the worker -----------------------------------------------------------
+
+    def _run(self) -> None:
+        self._serve()
+        self._shut_down()
+        # Park instead of returning: when this thread exits, MLX's thread-local
+        # compile cache is destroyed and takes the GIL; at interpreter exit that
+        # aborts the process ("terminate called without an active exception").
+        # A parked daemon thread never exits.
+        self._parked.set()
+        threading.Event().wait()
+
+    def _serve(self) -> None:
+        from langchain_mlx.engine.scheduler import Scheduler
+
+        scheduler = Scheduler(
+            self.model,
+            self.tokenizer,
+            eos_ids=sorted(self._eos_ids),
+            prefix_cache=self.prefix_cache,
+            on_done=self._request_done,
+            max_batch_size=self._options.max_batch_size,
+            batched=self._batched,
+        )
+        self._scheduler = scheduler
+        while not self._closing:
+            try:
+                self._take_items(scheduler, block=not scheduler.busy)
+                self._apply_options(scheduler)
+                if not self._closing:
+                    scheduler.step()
+            except Exception as e:  # delivered to the callers, worker lives on
+                logger.exception("the MLX engine for %r failed a step", self.name)
+                error = RequestFailedError(f"the MLX engine failed a step: {e}")
+                error.__cause__ = e
+                scheduler.fail_all(error)
+
+    def _shut_down(self) -> None:
+        """End every request and free the model's memory."""
+        stopped = EngineStoppedError(
+            f"the MLX engine for {self.name!r} was closed while the request ran"
+        )
+        scheduler = self._scheduler
+        try:
+            if scheduler is not None:
+                scheduler.fail_all(stopped)
+            while True:  # requests and tasks that arrived meanwhile
+                item = self._queue.get_nowait()
+                if isinstance(item, _Task):
+                    item.future.set_exception(stopped)
+                elif item is not None:
+                    for s in item:
+                        s.handle._put(stopped)
+                        self._request_done("error")
+        except queue.Empty:
+            pass
+        except Exception:  # never leave the thread without parking
+            logger.exception("closing the MLX engine for %r", self.name)
+        try:
+            import gc
+
+            import mlx.core as mx
+
+            if scheduler is not None:
+                scheduler.release()
+            self.prefix_cache.clear()
+            self.model = self.tokenizer = None
+            self._scheduler = scheduler = None
+            gc.collect()
+            mx.clear_cache()
+        except Exception:
+            logger.exception("freeing the MLX engine for %r", self.name)
+
+    def _apply_options(self, scheduler: Scheduler) -> None:
+        """Bring the scheduler and prefix cache in line with `configure()`."""
+        options = self._options
+        if options is not self._applied:
+            self._applied = options
+            scheduler.max_batch_size = options.max_batch_size
+            self.prefix_cache.set_limits(
+                options.prefix_cache_entries, options.prefix_cache_bytes
+            )
+
+    def _take_items(self, scheduler: Scheduler, *, block: bool) -> None:
+        """Move everything queued to the scheduler (waiting if idle)."""
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if isinstance(item, _Task):
+                    item.run()
+                elif item is not None:
+                    for s in item:
+                        scheduler.add(s.handle, s.request, s.submitted)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return
+
+
+def context_length_of(model: Any) -> int | None:
+    """The context window a model was trained for, from its config (if stated)."""
+    args = getattr(model, "args", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _options(options: dict[str, int | None] | None) -> EngineOptions:
+    chosen = {k: v for k, v in (options or {}).items() if v is not None}
+    engine_options = replace(EngineOptions(), **chosen)
+    engine_options.validate()
+    return engine_options
+
+
+# -- engines alive in this process: closed at interpreter exit -------------------
+
+_LIVE: set[Engine] = set()
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_LIVE):
+        engine.close(wait=_EXIT_WAIT_SECONDS)
+
+
+# -- requests submitted together (batch / abatch) --------------------------------
+
+
+class SubmissionGroup:
+    """Holds the requests of one `batch` call until every input has submitted.
+
+    Each input runs inside `slot()`; its first submission (or its end, when it
+    failed before submitting) counts it as arrived. When `expected` inputs have
+    arrived, the held requests go to their engines at once, so they enter the
+    batch in one step and share their common prompt start. After that the group
+    lets submissions through.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self._expected = expected
+        self._arrived = 0
+        self._held: list[tuple[Engine, _Submission]] = []
+        self._open = expected > 1
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Run one input of the batch inside this."""
+        slot = _Slot(self)
+        token = _SLOT.set(slot)
+        try:
+            yield
+        finally:
+            _SLOT.reset(token)
+            slot.arrive()
+
+    def _hold(self, engine: Engine, submission: _Submission) -> bool:
+        with self._lock:
+            if self._open:
+                self._held.append((engine, submission))
+            return self._open
+
+    def _count(self) -> None:
+        with self._lock:
+            self._arrived += 1
+            if not self._open or self._arrived < self._expected:
+                return
+            self._open = False
+            held, self._held = self._held, []
+        by_engine: dict[Engine, list[_Submission]] = {}
+        for engine, submission in held:
+            by_engine.setdefault(engine, []).append(submission)
+        for engine, submissions in by_engine.items():
+            engine._queue.put(submissions)
+
+    def flush(self) -> None:
+        """Send whatever is held (the batch call is over or gave up)."""
+        with self._lock:
+            self._expected = 0
+        self._count()
+
+
+class _Slot:
+    def __init__(self, group: SubmissionGroup) -> None:
+        self.group = group
+        self.arrived = False
+
+    def hold(self, engine: Engine, submission: _Submission) -> bool:
+        held = self.group._hold(engine, submission)
+        self.arrive()
+        return held
+
+    def arrive(self) -> None:
+        if not self.arrived:
+            self.arrived = True
+            self.group._count()
+
+
+_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
+    "langchain_mlx_submission_slot", default=None
+)

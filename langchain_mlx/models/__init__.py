@@ -1,0 +1,1 @@
+"""Model preparation: resolving ids and paths, the cache folder, GGUF conversion."""
