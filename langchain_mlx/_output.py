@@ -216,7 +216,8 @@ def _bare_json_calls(
             # an invalid call, never content that looks like half a call
             kept.append(text[pos:i])
             error = truncated or f"malformed tool call JSON: {e}"
-            out.invalid_tool_calls.append(_invalid(text[i:].strip(), error))
+            name = json.loads(f'"{named[1]}"') if named is not None else None
+            out.invalid_tool_calls.append(_invalid(text[i:].strip(), error, name))
             return "".join(kept)
         items = obj if isinstance(obj, list) else [obj]
         if not any(_call_shaped(o, tool_names) for o in items):
@@ -261,7 +262,10 @@ class ChunkAssembler:
         self._tools = tools
         self._parallel = parallel
         self._tool_text = ""
+        self._pending_logprobs: list[dict[str, Any]] = []
         self._tool_logprobs: list[dict[str, Any]] = []
+        self._calls: list[ToolCall] = []
+        self._invalid_calls: list[InvalidToolCall] = []
         self.parsed: ParsedOutput | None = None
         """The tool-call parse of the tool text (set by the last chunk)."""
 
@@ -275,57 +279,87 @@ class ChunkAssembler:
         entries = [e.as_openai() for e in segment.logprobs]
         if segment.kind == "tool":
             self._tool_text += segment.text
-            self._tool_logprobs += entries
+            self._pending_logprobs += entries
             return None
-        metadata = {"logprobs": {"content": entries}} if segment.logprobs else {}
-        if segment.kind == "reasoning":
-            return AIMessageChunk(
-                content="",
-                additional_kwargs={"reasoning_content": segment.text},
-                response_metadata=metadata,
-            )
-        return AIMessageChunk(content=segment.text, response_metadata=metadata)
+        # tool text followed by more text is complete: parse it now, so JSON
+        # that was not a call comes back in its place
+        content, content_logprobs = self._parse_tool_text(None)
+        reasoning = segment.text if segment.kind == "reasoning" else ""
+        if segment.kind == "content":
+            content += segment.text
+            content_logprobs += entries
+        if not content and not reasoning:
+            return None
+        metadata: dict[str, Any] = {}
+        if content_logprobs or (reasoning and entries):
+            metadata["logprobs"] = {"content": content_logprobs}
+            if reasoning and entries:
+                metadata["logprobs"]["reasoning"] = entries
+        return AIMessageChunk(
+            content=content,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            response_metadata=metadata,
+        )
+
+    def _parse_tool_text(self, truncated: str | None) -> tuple[str, list[Any]]:
+        """Parse the pending tool text into calls; return what is content."""
+        text, self._tool_text = self._tool_text, ""
+        logprobs, self._pending_logprobs = self._pending_logprobs, []
+        if not text:
+            return "", []
+        parsed = parse_tool_calls(
+            text,
+            tool_names=self._tool_names,
+            start=self._start,
+            end=self._end,
+            parser=self._parser,
+            tools=self._tools,
+            truncated=truncated,
+        )
+        if self._forced and parsed.content:  # a required call: nothing else is
+            error = truncated or "the output is not a tool call"
+            parsed.invalid_tool_calls.append(_invalid(parsed.content, error))
+            parsed.content = ""
+        if not parsed.tool_calls and not parsed.invalid_tool_calls:
+            return text, logprobs  # not a call after all: the text as it was
+        self._calls += parsed.tool_calls
+        self._invalid_calls += parsed.invalid_tool_calls
+        self._tool_logprobs += logprobs
+        return parsed.content, []
 
     def _last_chunk(self, final: Final) -> AIMessageChunk:
-        content = ""
-        tool_call_chunks = []
         metadata = response_metadata(final, self.model_name)
         truncated = truncation_error(final) if final.finish_reason == "length" else None
-        if self._tool_text:
-            self.parsed = parse_tool_calls(
-                self._tool_text,
-                tool_names=self._tool_names,
-                start=self._start,
-                end=self._end,
-                parser=self._parser,
-                tools=self._tools,
-                truncated=truncated,
+        content, content_logprobs = self._parse_tool_text(truncated)
+        self._keep_first_call_only()
+        self.parsed = ParsedOutput(
+            content="", tool_calls=self._calls, invalid_tool_calls=self._invalid_calls
+        )
+        tool_call_chunks = [
+            tool_call_chunk(
+                name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
             )
-            self._keep_first_call_only()
-            content = self.parsed.content
-            if self._forced and content:  # a required call: nothing else is
-                self.parsed.invalid_tool_calls.append(
-                    _invalid(content, truncated or "the output is not a tool call")
-                )
-                self.parsed.content = content = ""
-            tool_call_chunks = [
-                tool_call_chunk(
-                    name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
-                )
-                for i, c in enumerate(self.parsed.tool_calls)
+            for i, c in enumerate(self._calls)
+        ]
+        tool_call_chunks += [
+            tool_call_chunk(
+                name=c["name"], args=streamed_invalid_args(c), id=c["id"], index=i
+            )
+            for i, c in enumerate(self._invalid_calls, start=len(tool_call_chunks))
+        ]
+        logprobs: dict[str, Any] = {}
+        if content_logprobs:
+            logprobs["content"] = content_logprobs
+        if self._tool_logprobs:
+            logprobs["tool_calls"] = self._tool_logprobs
+        if logprobs:
+            metadata["logprobs"] = logprobs
+        if self._invalid_calls:
+            metadata["invalid_tool_call_errors"] = [
+                {"id": c["id"], "error": c["error"]} for c in self._invalid_calls
             ]
-            first = len(tool_call_chunks)
-            tool_call_chunks += [
-                tool_call_chunk(
-                    name=c["name"], args=streamed_invalid_args(c), id=c["id"], index=i
-                )
-                for i, c in enumerate(self.parsed.invalid_tool_calls, start=first)
-            ]
-            if self._tool_logprobs:
-                key = "tool_calls" if tool_call_chunks else "content"
-                metadata["logprobs"] = {key: self._tool_logprobs}
-            if self.parsed.tool_calls and final.finish_reason != "length":
-                metadata["finish_reason"] = "tool_calls"
+        if self._calls and final.finish_reason != "length":
+            metadata["finish_reason"] = "tool_calls"
         return AIMessageChunk(
             content=content,
             tool_call_chunks=tool_call_chunks,
@@ -335,12 +369,11 @@ class ChunkAssembler:
         )
 
     def _keep_first_call_only(self) -> None:
-        assert self.parsed is not None
-        if self._parallel is not False or len(self.parsed.tool_calls) <= 1:
+        if self._parallel is not False or len(self._calls) <= 1:
             return
-        first, *extra = self.parsed.tool_calls
-        self.parsed.tool_calls = [first]
-        self.parsed.invalid_tool_calls += [
+        first, *extra = self._calls
+        self._calls = [first]
+        self._invalid_calls += [
             _invalid(
                 json.dumps({"name": c["name"], "arguments": c["args"]}),
                 "parallel_tool_calls=False: only the first call is kept",
@@ -350,15 +383,14 @@ class ChunkAssembler:
         ]
 
     def finish(self, message: BaseMessage) -> None:
-        """Give the combined message the exact parse (invoke / generate)."""
+        """Give the combined message the exact calls (raw args, errors).
+
+        The content is left as the stream built it, so invoke and a merged
+        stream (what LangGraph's stream modes give) agree.
+        """
         if self.parsed is not None and isinstance(message, AIMessage):
             message.tool_calls = list(self.parsed.tool_calls)
             message.invalid_tool_calls = list(self.parsed.invalid_tool_calls)
-            if isinstance(message.content, str):
-                content = message.content
-                if self.parsed.tool_calls or self.parsed.invalid_tool_calls:
-                    content = _EMPTY_FENCE.sub("", content)
-                message.content = content.strip()
 
 
 def streamed_invalid_args(call: InvalidToolCall) -> str:

@@ -44,7 +44,15 @@ def response_format_for(schema: Any, method: str) -> dict[str, Any]:
     """The `response_format` to bind for `json_schema` / `json_mode`."""
     if method == "json_mode":
         return {"type": "json_object"}
-    json_schema = convert_to_json_schema(schema)
+    try:
+        json_schema = convert_to_json_schema(schema)
+    except Exception as e:
+        msg = (
+            f"cannot use {schema!r} as an output schema: {e}. Pass a pydantic model "
+            "class, a TypedDict, a JSON schema dict (with a 'title') or an OpenAI "
+            "tool dict"
+        )
+        raise TypeError(msg) from e
     return {
         "type": "json_schema",
         "json_schema": {

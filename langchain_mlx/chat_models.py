@@ -33,13 +33,12 @@ from langchain_core.language_models.chat_models import (
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import ContextThreadPoolExecutor, get_config_list
-from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from langchain_mlx._batch import abatch_together, batch_together
+from langchain_mlx._call import request_for
 from langchain_mlx._constraints import ConstraintCompiler
 from langchain_mlx._messages import render_prompt
 from langchain_mlx._output import ChunkAssembler
@@ -56,8 +55,8 @@ from langchain_mlx._tools import (
     plan_call,
     template_renders_tools,
 )
-from langchain_mlx.engine.types import Final, Request, Segment, TextRules
-from langchain_mlx.engine.worker import Engine, SubmissionGroup
+from langchain_mlx.engine.types import Final, Request, Segment
+from langchain_mlx.engine.worker import Engine
 from langchain_mlx.llms import EngineFields, MLXPipeline
 from langchain_mlx.models.prepare import DEFAULT_MODEL
 
@@ -238,7 +237,8 @@ class ChatMLX(BaseChatModel, EngineFields):
         # passed as a field): loading is keyed by the model, so nothing doubles
         if self.llm is None:
             self.llm = MLXPipeline.from_model_id(
-                self.model or DEFAULT_MODEL, **self._engine_options()
+                DEFAULT_MODEL if self.model is None else self.model,
+                **self._engine_options(),
             )
         elif self.model is not None and self.model != self.llm.model_id:
             msg = (
@@ -334,32 +334,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         ids = self._render(tokenizer, messages, plan)
         # fail in milliseconds, before compiling a grammar or queueing
         engine.check_fits(len(ids), settings.max_tokens)
-        constraint = None
-        if plan.grammar is not None:
-            compiler = ConstraintCompiler.for_tokenizer(tokenizer)
-            constraint = compiler.processor(plan.grammar, plan.grammar_what)
-        assembler = ChunkAssembler(
-            model_name,
-            tool_names=plan.tool_names if plan.parse_tools else frozenset(),
-            start=plan.call_format.start,
-            end=plan.call_format.end,
-            parser=plan.parser,
-            tools=plan.template_tools,
-            parallel=plan.parallel,
-            forced=plan.parse_tools and plan.grammar is not None,
-        )
-        rules = TextRules(
-            # constrained output is the answer, never reasoning
-            think=None if plan.grammar else _think_markers(tokenizer),
-            thinking_open=_thinking_open(tokenizer, ids),
-            tool_start=plan.call_format.start if plan.parse_tools else None,
-            tool_end=plan.call_format.end if plan.parse_tools else None,
-            bare_json_calls=plan.parse_tools,
-            calls_only=plan.parse_tools and plan.grammar is not None,
-        )
-        request = Request(
-            prompt_ids=ids, settings=settings, constraint=constraint, text=rules
-        )
+        request, assembler = request_for(plan, tokenizer, ids, settings, model_name)
         return engine, request, assembler
 
     def _render(
@@ -480,28 +455,9 @@ class ChatMLX(BaseChatModel, EngineFields):
         requests enter the engine's batch in the same step, so they decode
         together and their common prompt start is prefilled once.
         """
-        if len(inputs) < 2:
-            return super().batch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        configs = get_config_list(config, len(inputs))
-        workers = min(configs[0].get("max_concurrency") or len(inputs), len(inputs))
-        group = SubmissionGroup(workers)
-
-        def one(item: LanguageModelInput, item_config: RunnableConfig) -> Any:
-            with group.slot():
-                try:
-                    return self.invoke(item, item_config, **kwargs)
-                except Exception as e:
-                    if return_exceptions:
-                        return e
-                    raise
-
-        try:
-            with ContextThreadPoolExecutor(max_workers=workers) as executor:
-                return list(executor.map(one, inputs, configs))
-        finally:
-            group.flush()
+        return batch_together(
+            self.invoke, inputs, config, return_exceptions=return_exceptions, **kwargs
+        )
 
     async def abatch(
         self,
@@ -512,31 +468,9 @@ class ChatMLX(BaseChatModel, EngineFields):
         **kwargs: Any,
     ) -> list[AIMessage]:
         """Async `batch`: the requests reach the engine together."""
-        if len(inputs) < 2:
-            return await super().abatch(
-                inputs, config, return_exceptions=return_exceptions, **kwargs
-            )
-        configs = get_config_list(config, len(inputs))
-        limit = configs[0].get("max_concurrency")
-        group = SubmissionGroup(min(limit or len(inputs), len(inputs)))
-
-        async def one(item: LanguageModelInput, item_config: RunnableConfig) -> Any:
-            with group.slot():
-                try:
-                    return await self.ainvoke(item, item_config, **kwargs)
-                except Exception as e:
-                    if return_exceptions:
-                        return e
-                    raise
-
-        try:
-            return list(
-                await gather_with_concurrency(
-                    limit, *(one(i, c) for i, c in zip(inputs, configs, strict=True))
-                )
-            )
-        finally:
-            group.flush()
+        return await abatch_together(
+            self.ainvoke, inputs, config, return_exceptions=return_exceptions, **kwargs
+        )
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -622,7 +556,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         tool_name = None
         if method == "function_calling":
             assert schema is not None  # check_method
-            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            tool_name = format_tools([schema])[0]["function"]["name"]
             llm = self.bind_tools(
                 [schema], tool_choice=tool_name, parallel_tool_calls=False
             ).bind(ls_structured_output_format=ls_format)
@@ -692,7 +626,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         | None = None,
     ) -> int:
         """Exact prompt length: the conversation rendered as a call would render it."""
-        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        formatted = format_tools(tools) if tools else None
         plan = plan_call(self.tokenizer, formatted, None, None, None)
         return len(self._render(self.tokenizer, messages, plan))
 
@@ -702,22 +636,3 @@ def _generation_chunk(
 ) -> ChatGenerationChunk | None:
     message = assembler.chunk(event)
     return None if message is None else ChatGenerationChunk(message=message)
-
-
-def _think_markers(tokenizer: Any) -> tuple[str, str] | None:
-    """A thinking model's reasoning markers (mlx-lm knows them), if any."""
-    if not getattr(tokenizer, "has_thinking", False):
-        return None
-    return str(tokenizer.think_start), str(tokenizer.think_end)
-
-
-def _thinking_open(tokenizer: Any, prompt_ids: list[int]) -> bool:
-    """Whether the prompt ends inside the reasoning block.
-
-    Templates of reasoning models often end the generation prompt with `<think>`.
-    """
-    markers = _think_markers(tokenizer)
-    if markers is None:
-        return False
-    tail = tokenizer.decode(prompt_ids[-8:])
-    return bool(tail.rstrip().endswith(markers[0]))

@@ -155,6 +155,7 @@ class MLXPipeline(LLM, EngineFields):
                 options=self._engine_options(),
             )
             self.tokenizer = self._engine.tokenizer
+        self._engine.attach(self)
         return self
 
     @classmethod
@@ -239,8 +240,8 @@ class MLXPipeline(LLM, EngineFields):
     def load_prompt_cache(self, path: str | Path) -> int:
         """Load a prefix saved by `save_prompt_cache` (with the same model).
 
-        Returns its length in tokens. Raises `FileNotFoundError`, or
-        `ValueError` for a file saved from another model.
+        Returns its length in tokens. Raises `PromptCacheError` (a `ValueError`)
+        for a missing, corrupt or foreign file, or one saved from another model.
         """
         return self._engine.load_prefix(path)
 
@@ -360,6 +361,9 @@ class MLXPipeline(LLM, EngineFields):
         stop working (create one again to reload it).
         """
         self._engine.close()
+
+    def _engine_closed(self) -> None:
+        """The engine closed: let go of the model so its memory can return."""
         self.model = None
 
     def __enter__(self) -> Self:

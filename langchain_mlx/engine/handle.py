@@ -7,12 +7,18 @@ or the end, so sync and async cannot drift apart.
 A request is cancelled as soon as its reader is gone, however it goes:
 - the reader stops iterating (break, an exception, `close()`): the iterator's
   `finally` cancels;
-- the asyncio task that submitted it ends or is cancelled while the stream is
-  suspended somewhere else (e.g. in a callback): a done-callback on the task
+- the asyncio task that submitted it is cancelled or fails while the stream
+  is suspended somewhere else (e.g. in a callback): a done-callback on the task
   cancels. (Relying on the async generator's `finally` alone is a race: an
   abandoned async generator is only closed when the garbage collector gets to
   it, which for objects caught in a reference cycle can be after the request
-  ran to `max_tokens`.)
+  ran to `max_tokens`.) A task that *returns* does not cancel: LangChain runs
+  each step of a chain's `astream` in a short task of its own.
+
+No reader waits forever: the worker ends every request it holds when it stops
+(closed or crashed), and `submit` checks again after queueing. The sync reader
+also polls the worker's health; the async one waits on its queue alone
+(`asyncio.wait_for` can swallow a cancellation on Python < 3.12).
 """
 
 from __future__ import annotations
@@ -79,8 +85,10 @@ class RequestHandle:
         """Ask the worker to drop this request (idempotent, thread-safe)."""
         self._cancelled.set()
 
-    def _on_task_done(self, _task: asyncio.Task[Any]) -> None:
-        if not self._done:
+    def _on_task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._done:
+            return
+        if task.cancelled() or task.exception() is not None:
             self.cancel()
 
     def close(self) -> None:
@@ -123,11 +131,6 @@ class RequestHandle:
         assert self._async_q is not None, "submit(..., loop=...) for async reading"
         try:
             while not self._done:
-                try:
-                    item = await asyncio.wait_for(self._async_q.get(), POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    self._check_alive()
-                    continue
-                yield self._take(item)
+                yield self._take(await self._async_q.get())
         finally:
             self._finish()

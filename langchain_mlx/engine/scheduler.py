@@ -31,16 +31,13 @@ fast as `generate_step` (measured: benchmarks/results/stream.md), so there is
 no separate fast path to switch from. Models whose caches cannot be merged into
 a batch get `SerialGenerator`, the same interface one sequence at a time.
 
-Seeds: a request with a `seed` samples from its own random key
-(`mx.random.key(seed)`, split once per token exactly as MLX's global generator
-is), so its output does not depend on what else is in the batch, and a solo
-run matches `mlx_lm.generate` after `mx.random.seed(seed)`. Requests without a
-seed share MLX's global generator.
+Sampling (with per-request seeds) is in `sampling.py`.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,10 +50,14 @@ from langchain_mlx.engine.prefix_cache import (
     common_length,
     shared_prefixes,
 )
+from langchain_mlx.engine.sampling import (
+    Sampler,
+    make_request_sampler,
+    request_processors,
+)
 from langchain_mlx.engine.text import RequestText
 from langchain_mlx.engine.types import (
     Final,
-    GenerationSettings,
     GenerationTimeoutError,
     LogitsProcessor,
     Request,
@@ -66,7 +67,6 @@ from langchain_mlx.engine.types import (
 
 logger = logging.getLogger(__name__)
 
-Sampler = Callable[[Any], Any]
 
 # A prefill step is sized from the measured prefill speed to take about this
 # long, so live streams keep flowing and close()/Ctrl-C wait at most one step.
@@ -217,7 +217,7 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """Deliver `error` to every request and start from an empty batch."""
         for live in [*self._live.values(), *self._waiting]:
-            self._end(live, "error", error=error)
+            self._end(live, "error", error=_copy_error(error))
         self._live.clear()
         self._waiting.clear()
         self._jobs.clear()
@@ -317,9 +317,12 @@ class Scheduler:
 
     def _provide(self, uid: int) -> None:
         """A prompt others wait for is prefilled: keep a copy of its KV state."""
-        del self._providers[uid]
-        for cache, tokens in self._ensure_generator().extract_cache([uid]).values():
-            self._prefix.store(tokens, cache, kind="user")
+        del self._providers[uid]  # its waiters are admitted next step either way
+        try:
+            for cache, tokens in self._ensure_generator().extract_cache([uid]).values():
+                self._prefix.store(tokens, cache, kind="user")
+        except Exception:  # costs reuse only
+            logger.warning("could not keep a shared prompt start", exc_info=True)
 
     def _insert_tokens(
         self,
@@ -349,7 +352,7 @@ class Scheduler:
     def _insert(self, live: _Live) -> None:
         request = live.request
         settings = request.settings
-        processors = [_guarded(p, live) for p in _processors(settings, request)]
+        processors = [_guarded(p, live) for p in request_processors(settings, request)]
         uid, cached = self._insert_tokens(
             list(request.prompt_ids),
             max_tokens=settings.max_tokens,
@@ -456,9 +459,10 @@ class Scheduler:
         uids = [live.uid for live in lives]
         try:
             caches = self._ensure_generator().remove(uids, return_prompt_caches=True)
-        except Exception:
+        except Exception as e:  # they would decode on, unseen: start afresh
             logger.warning("could not take requests out of the batch", exc_info=True)
-            caches = {}
+            self.fail_all(_request_error("taking requests out of the batch", e))
+            return
         now = time.perf_counter()
         for live in lives:
             self._live.pop(live.uid, None)
@@ -527,63 +531,23 @@ def _finish_reason(live: _Live, finish: str) -> str:
     return finish
 
 
+def _copy_error(error: BaseException) -> BaseException:
+    """An error of its own for each reader (each raises it in its own thread)."""
+    try:
+        fresh = copy.copy(error)
+    except Exception:  # an exception type that cannot be copied: share it
+        return error
+    fresh.__cause__ = error.__cause__
+    fresh.__traceback__ = None
+    return fresh
+
+
 def _request_error(doing: str, e: Exception) -> RequestFailedError:
     error = RequestFailedError(
         f"the request failed while {doing}: {type(e).__name__}: {e}"
     )
     error.__cause__ = e
     return error
-
-
-def make_request_sampler(s: GenerationSettings) -> Sampler:
-    """The request's sampler; with a seed, one that owns its random key."""
-    from mlx_lm.sample_utils import greedy_sampler, make_sampler
-
-    if s.temperature == 0:
-        greedy: Sampler = greedy_sampler  # shared: a greedy batch samples at once
-        return greedy
-    if s.seed is None:
-        sampler: Sampler = make_sampler(
-            s.temperature,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            min_tokens_to_keep=s.min_tokens_to_keep,
-            top_k=s.top_k,
-        )
-        return sampler
-    return _seeded_sampler(s, s.seed)
-
-
-def _seeded_sampler(s: GenerationSettings, seed: int) -> Sampler:
-    """`make_sampler`'s chain (top_p, min_p, top_k, temperature) on a private key."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    key = mx.random.key(seed)
-    inv_temp = 1.0 / s.temperature
-
-    def sample(logprobs: Any) -> Any:
-        nonlocal key
-        key, sub = mx.random.split(key)  # as MLX's global generator steps
-        if 0 < s.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, s.top_p)
-        if s.min_p != 0.0:
-            logprobs = apply_min_p(logprobs, s.min_p, s.min_tokens_to_keep)
-        if s.top_k > 0:
-            logprobs = apply_top_k(logprobs, s.top_k)
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sample
-
-
-def _processors(s: GenerationSettings, request: Request) -> list[LogitsProcessor]:
-    from mlx_lm.sample_utils import make_logits_processors
-
-    penalties = make_logits_processors(
-        None, s.repetition_penalty, s.repetition_context_size
-    )
-    constraint = [request.constraint] if request.constraint is not None else []
-    return [*penalties, *request.logits_processors, *constraint]
 
 
 def _guarded(processor: LogitsProcessor, live: _Live) -> LogitsProcessor:

@@ -60,7 +60,8 @@ class Piece:
 def json_call_start(text: str, begin: int = 0) -> tuple[int, int, bool] | None:
     """The first place at or after `begin` where a bare JSON tool call starts.
 
-    The pattern is `[`? `{` `"name"` `:` with any whitespace between. Returns
+    The pattern is an optional markdown fence (```` ``` ```` and a language
+    tag), then `[`? `{` `"name"` `:`, with any whitespace between. Returns
     `(start, end, complete)`: complete when the whole pattern is there, else the
     text from `start` is a prefix that may still become one (a partial match at
     the end of `text`). None when nothing can start a call.
@@ -69,7 +70,7 @@ def json_call_start(text: str, begin: int = 0) -> tuple[int, int, bool] | None:
     n = len(text)
     while i < n:
         c = text[i]
-        if c in "[{":
+        if c in "[{`":
             end, state = _match_call_start(text, i)
             if state == "complete":
                 return i, end, True
@@ -80,8 +81,23 @@ def json_call_start(text: str, begin: int = 0) -> tuple[int, int, bool] | None:
 
 
 def _match_call_start(text: str, i: int) -> tuple[int, str]:
-    """Match `[`? ws `{` ws `"name"` ws `:` at `i`: complete, partial or no."""
+    """Match fence? `[`? ws `{` ws `"name"` ws `:` at `i`: complete, partial or no."""
     n = len(text)
+    if text[i] == "`":
+        for _ in range(3):
+            if i == n:
+                return n, "partial"
+            if text[i] != "`":
+                return i, "no"
+            i += 1
+        while i < n and text[i].isalpha():
+            i += 1
+        while i < n and text[i] in _WS:
+            i += 1
+        if i == n:
+            return n, "partial"
+        if text[i] not in "[{":
+            return i, "no"
     if text[i] == "[":
         i += 1
         while i < n and text[i] in _WS:
@@ -121,6 +137,8 @@ class TextRouter:
         self._scan = 0  # json mode: how much of _buf was scanned
         self._in_string = False
         self._escaped = False
+        self._fenced = False  # json mode: the call opened a markdown fence
+        self._closed: int | None = None  # json mode: where the JSON value ended
         self.stopped = False
         """True once a stop string was seen; nothing after it is emitted."""
 
@@ -151,6 +169,9 @@ class TextRouter:
         if self._mode == "json":
             end = self._json_end()
             if end is not None and (stop_at is None or end <= stop_at):
+                end = self._fence_end(end)
+                if end is None:  # may still close the fence: wait
+                    return False
                 self._emit(pieces, end)
                 self._mode = "content"
                 return True
@@ -170,8 +191,9 @@ class TextRouter:
                 self._skip(length)
             self._mode = mode
             if mode == "json":
-                self._depth, self._scan = 0, 0
+                self._depth, self._scan, self._closed = 0, 0, None
                 self._in_string = self._escaped = False
+                self._fenced = self._buf.startswith("`")
             return True
         safe = len(self._buf) - self._held_back()
         if self._mode in ("tagged", "json", "forced") or safe > 0:
@@ -186,6 +208,8 @@ class TextRouter:
         self._offset += n
         if self._mode == "json":
             self._scan = max(0, self._scan - n)
+            if self._closed is not None:
+                self._closed -= n
 
     def _skip(self, n: int) -> None:
         self._buf = self._buf[n:]
@@ -240,8 +264,24 @@ class TextRouter:
                 longest = max(longest, len(buf) - found[0])
         return longest
 
+    def _fence_end(self, end: int) -> int | None:
+        """With a fence opened, include its closing ```` ``` ```` (None: unsure yet)."""
+        if not self._fenced:
+            return end
+        k = end
+        while k < len(self._buf) and self._buf[k] in _WS:
+            k += 1
+        rest = self._buf[k : k + 3]
+        if rest == "```":
+            return k + 3
+        if "```".startswith(rest):  # only whitespace or part of the fence so far
+            return None
+        return end
+
     def _json_end(self) -> int | None:
         """Where the bare JSON call that started at `_buf[0]` ends, if it has."""
+        if self._closed is not None:
+            return self._closed
         buf = self._buf
         for i in range(self._scan, len(buf)):
             c = buf[i]
@@ -260,6 +300,7 @@ class TextRouter:
                 self._depth -= 1
                 if self._depth <= 0:
                     self._scan = 0
+                    self._closed = i + 1
                     return i + 1
         self._scan = len(buf)
         return None
@@ -291,6 +332,7 @@ class RequestText:
         )
         self._text = ""  # decoded text from the first pending token on
         self._text_start = 0
+        self._last: TokenLogprob | None = None
 
     @property
     def stopped(self) -> bool:
@@ -311,9 +353,18 @@ class RequestText:
         return segments + self._segments(self.router.finish())
 
     def _route(self, text: str, entry: TokenLogprob | None) -> list[Segment]:
+        start = self._length
         if self._with_logprobs and entry is not None:
-            start = self._length
             self._tokens.append((start, start + len(text), entry))
+            self._last = entry
+        elif self._with_logprobs and text and self._last is not None:
+            # text the detokenizer released late (at the end: a trailing space,
+            # a cut character) belongs to the last token
+            if self._tokens and self._tokens[-1][1] == start:
+                first, _, last = self._tokens[-1]
+                self._tokens[-1] = (first, start + len(text), last)
+            else:
+                self._tokens.append((start, start + len(text), self._last))
         if not self._tokens:
             self._text_start = self._length + len(text)
             self._text = ""

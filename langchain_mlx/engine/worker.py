@@ -31,18 +31,18 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
-import contextlib
-import contextvars
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from langchain_mlx.engine.group import hold_for_group
 from langchain_mlx.engine.handle import POLL_SECONDS, RequestHandle
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
@@ -99,6 +99,7 @@ class Engine:
 
     _registry: dict[tuple[Any, ...], Engine] = {}  # noqa: RUF012
     _registry_lock = threading.Lock()
+    _loading: dict[tuple[Any, ...], threading.Lock] = {}  # noqa: RUF012
 
     def __init__(
         self,
@@ -136,6 +137,7 @@ class Engine:
         self._parked = threading.Event()
         self._scheduler: Scheduler | None = None
         self._applied: EngineOptions | None = None  # options the worker applied
+        self._users: dict[int, weakref.ref[Any]] = {}  # pydantic objects: unhashable
         self.finished: collections.Counter[str] = collections.Counter()
         """How many requests ended with each finish reason (and "error")."""
         self._thread = threading.Thread(
@@ -164,9 +166,18 @@ class Engine:
         created; asking an existing engine for different ones raises, since the
         engine is shared (change them with `configure`).
         """
-        key = ("path", path, adapter_path, lazy, json.dumps(tokenizer_config or {}))
-        with cls._registry_lock:
-            engine = cls._registry.get(key)
+        key = (
+            "path",
+            _canonical(path),
+            _canonical(adapter_path) if adapter_path else None,
+            lazy,
+            json.dumps(tokenizer_config or {}, sort_keys=True, default=str),
+        )
+        with cls._registry_lock:  # one loader per model; others load in parallel
+            key_lock = cls._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with cls._registry_lock:
+                engine = cls._registry.get(key)
             if engine is not None and engine.alive:
                 engine.require_options(options)
                 return engine
@@ -174,7 +185,8 @@ class Engine:
             model, tokenizer = loader()
             engine = cls(model, tokenizer, name=name or path, options=_options(options))
             engine._key = key
-            cls._registry[key] = engine
+            with cls._registry_lock:
+                cls._registry[key] = engine
             return engine
 
     @classmethod
@@ -245,6 +257,10 @@ class Engine:
             if self._key is not None and self._registry.get(self._key) is self:
                 del self._registry[self._key]
         _LIVE.discard(self)
+        for ref in list(self._users.values()):  # objects holding the model let go
+            user = ref()
+            if user is not None:
+                user._engine_closed()
         if self._closing:
             self._parked.wait(timeout=wait)
             return
@@ -252,6 +268,11 @@ class Engine:
         self._queue.put(None)  # wake an idle worker
         if threading.current_thread() is not self._thread:
             self._parked.wait(timeout=wait)
+
+    def attach(self, user: Any) -> None:
+        """Tell `user` (weakly held) when the engine closes: `user._engine_closed()`."""
+        key = id(user)
+        self._users[key] = weakref.ref(user, lambda _: self._users.pop(key, None))
 
     def __enter__(self) -> Engine:
         return self
@@ -320,9 +341,8 @@ class Engine:
 
         """
         submission = self._admit(request, loop)
-        slot = _SLOT.get()
-        if slot is None or not slot.hold(self, submission):
-            self._queue.put([submission])
+        if not hold_for_group(self._enqueue, submission):
+            self._enqueue([submission])
         return submission.handle
 
     def submit_many(
@@ -339,10 +359,17 @@ class Engine:
         except BaseException:
             for s in submissions:
                 s.handle.cancel()
-            self._queue.put(submissions)  # counted in flight: let the worker end them
+            self._enqueue(submissions)  # counted in flight: let the worker end them
             raise
-        self._queue.put(submissions)
+        self._enqueue(submissions)
         return [s.handle for s in submissions]
+
+    def _enqueue(self, submissions: list[_Submission]) -> None:
+        """Queue for the worker; if it stopped meanwhile, end them here."""
+        self._queue.put(submissions)
+        if self._parked.is_set():  # it may have drained the queue already
+            for s in submissions:
+                s.handle._put(self._stopped_error())
 
     def _admit(
         self, request: Request, loop: asyncio.AbstractEventLoop | None
@@ -418,13 +445,19 @@ class Engine:
     # -- the worker -----------------------------------------------------------
 
     def _run(self) -> None:
-        self._serve()
-        self._shut_down()
+        try:
+            self._serve()
+        except BaseException:  # never leave without ending requests and parking
+            logger.exception("the MLX engine for %r stopped", self.name)
+            self._closing = True
+        finally:
+            self._shut_down()
         # Park instead of returning: when this thread exits, MLX's thread-local
         # compile cache is destroyed and takes the GIL; at interpreter exit that
         # aborts the process ("terminate called without an active exception").
         # A parked daemon thread never exits.
         self._parked.set()
+        self._end_queued()  # what was queued meanwhile (`_enqueue` ends the rest)
         threading.Event().wait()
 
     def _serve(self) -> None:
@@ -454,23 +487,11 @@ class Engine:
 
     def _shut_down(self) -> None:
         """End every request and free the model's memory."""
-        stopped = EngineStoppedError(
-            f"the MLX engine for {self.name!r} was closed while the request ran"
-        )
         scheduler = self._scheduler
         try:
             if scheduler is not None:
-                scheduler.fail_all(stopped)
-            while True:  # requests and tasks that arrived meanwhile
-                item = self._queue.get_nowait()
-                if isinstance(item, _Task):
-                    item.future.set_exception(stopped)
-                elif item is not None:
-                    for s in item:
-                        s.handle._put(stopped)
-                        self._request_done("error")
-        except queue.Empty:
-            pass
+                scheduler.fail_all(self._stopped_error())
+            self._end_queued()
         except Exception:  # never leave the thread without parking
             logger.exception("closing the MLX engine for %r", self.name)
         try:
@@ -487,6 +508,26 @@ class Engine:
             mx.clear_cache()
         except Exception:
             logger.exception("freeing the MLX engine for %r", self.name)
+
+    def _end_queued(self) -> None:
+        """End the requests and tasks still queued (the engine has stopped)."""
+        try:
+            while True:
+                item = self._queue.get_nowait()
+                if isinstance(item, _Task):
+                    item.future.set_exception(self._stopped_error())
+                elif item is not None:
+                    for s in item:
+                        s.handle._put(self._stopped_error())
+                        self._request_done("error")
+        except queue.Empty:
+            return
+
+    def _stopped_error(self) -> EngineStoppedError:
+        return EngineStoppedError(
+            f"the MLX engine for {self.name!r} was closed while the request ran; "
+            "create the model again to load it anew"
+        )
 
     def _apply_options(self, scheduler: Scheduler) -> None:
         """Bring the scheduler and prefix cache in line with `configure()`."""
@@ -511,6 +552,12 @@ class Engine:
                 item = self._queue.get_nowait()
         except queue.Empty:
             return
+
+
+def _canonical(path: str) -> str:
+    """One spelling per local folder (hub ids stay as they are)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def context_length_of(model: Any) -> int | None:
@@ -539,81 +586,3 @@ _LIVE: set[Engine] = set()
 def _close_all() -> None:
     for engine in list(_LIVE):
         engine.close(wait=_EXIT_WAIT_SECONDS)
-
-
-# -- requests submitted together (batch / abatch) --------------------------------
-
-
-class SubmissionGroup:
-    """Holds the requests of one `batch` call until every input has submitted.
-
-    Each input runs inside `slot()`; its first submission (or its end, when it
-    failed before submitting) counts it as arrived. When `expected` inputs have
-    arrived, the held requests go to their engines at once, so they enter the
-    batch in one step and share their common prompt start. After that the group
-    lets submissions through.
-    """
-
-    def __init__(self, expected: int) -> None:
-        self._expected = expected
-        self._arrived = 0
-        self._held: list[tuple[Engine, _Submission]] = []
-        self._open = expected > 1
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Run one input of the batch inside this."""
-        slot = _Slot(self)
-        token = _SLOT.set(slot)
-        try:
-            yield
-        finally:
-            _SLOT.reset(token)
-            slot.arrive()
-
-    def _hold(self, engine: Engine, submission: _Submission) -> bool:
-        with self._lock:
-            if self._open:
-                self._held.append((engine, submission))
-            return self._open
-
-    def _count(self) -> None:
-        with self._lock:
-            self._arrived += 1
-            if not self._open or self._arrived < self._expected:
-                return
-            self._open = False
-            held, self._held = self._held, []
-        by_engine: dict[Engine, list[_Submission]] = {}
-        for engine, submission in held:
-            by_engine.setdefault(engine, []).append(submission)
-        for engine, submissions in by_engine.items():
-            engine._queue.put(submissions)
-
-    def flush(self) -> None:
-        """Send whatever is held (the batch call is over or gave up)."""
-        with self._lock:
-            self._expected = 0
-        self._count()
-
-
-class _Slot:
-    def __init__(self, group: SubmissionGroup) -> None:
-        self.group = group
-        self.arrived = False
-
-    def hold(self, engine: Engine, submission: _Submission) -> bool:
-        held = self.group._hold(engine, submission)
-        self.arrive()
-        return held
-
-    def arrive(self) -> None:
-        if not self.arrived:
-            self.arrived = True
-            self.group._count()
-
-
-_SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
-    "langchain_mlx_submission_slot", default=None
-)

@@ -25,7 +25,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from langchain_mlx import _messages
+from langchain_mlx import _control_tokens, _messages
 from langchain_mlx._messages import (
     UnencodableTextError,
     render_prompt,
@@ -275,9 +275,9 @@ def test_messages_without_markers_tokenize_as_before(
     assert render_prompt(tokenizer, messages, **kwargs) == before
     # The copy that tokenizes conversations with markers in them gives the
     # same ids for the same text: flags (Phi-3's rstrip) and all.
-    table = _messages._control_tokens(tokenizer)
+    table = _messages.control_tokens_of(tokenizer)
     assert table is not None
-    assert _messages._encode_with_placeholders(tokenizer, table, rendered, "") == (
+    assert _messages.encode_with_placeholders(tokenizer, table, rendered, "") == (
         before
     )
 
@@ -542,7 +542,7 @@ def test_tokenizer_data_is_freed_with_the_tokenizer(tiny_model_path: str) -> Non
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     render_prompt(tokenizer, [HumanMessage(EVIL)])  # builds the plain copy too
     key = id(tokenizer)
-    assert key in _messages._TABLES
+    assert key in _control_tokens._TABLES
     del tokenizer
     gc.collect()
-    assert key not in _messages._TABLES
+    assert key not in _control_tokens._TABLES

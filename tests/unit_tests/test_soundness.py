@@ -426,3 +426,124 @@ def test_logprobs_batched_and_constrained(tiny_model_path: str) -> None:
         entries = msg.response_metadata["logprobs"]["content"]
         assert "".join(e["token"] for e in entries) == msg.content
         assert msg.content.startswith("{")
+
+
+def test_error_types_are_importable_from_the_package_without_mlx() -> None:
+    code = (
+        "import sys, langchain_mlx as m\n"
+        "for name in m.__all__: getattr(m, name)\n"
+        "assert issubclass(m.ContextWindowExceededError, ValueError)\n"
+        "assert issubclass(m.ModelLoadError, OSError)\n"
+        "assert not any(k == 'mlx' or k.startswith('mlx.') for k in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# -- review findings ---------------------------------------------------------------
+
+
+async def test_a_chain_astream_is_not_cancelled_between_chunks(
+    tiny_model_path: str,
+) -> None:
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.runnables import RunnableLambda
+
+    chat = ChatMLX(model=tiny_model_path, max_tokens=24)
+    direct = [c async for c in chat.astream("go")]
+    chained = [c async for c in (RunnableLambda(lambda x: x) | chat).astream("go")]
+    assert merged(iter(chained)).content == merged(iter(direct)).content
+    assert chained[-1].response_metadata["finish_reason"] != "cancelled"
+    text = "".join([p async for p in (chat | StrOutputParser()).astream("go")])
+    assert text == merged(iter(direct)).content
+
+
+def test_json_that_is_not_a_call_stays_in_place(tiny_model_path: str) -> None:
+    chat = ChatMLX(model=tiny_model_path)
+    assert chat.llm is not None
+    engine = chat.llm.engine
+    answer = 'Example: {"name": "Alice", "age": 30} is JSON. Done.'
+    ids = list(engine.tokenizer.encode("Show JSON.", add_special_tokens=False))
+    request = Request(
+        ids,
+        GenerationSettings(max_tokens=100),
+        [script(engine.tokenizer, answer)],
+        text=TextRules(bare_json_calls=True),
+    )
+    assembler = ChunkAssembler("tiny", tool_names=frozenset({"add"}))
+    chunks = [c for e in engine.submit(request) if (c := assembler.chunk(e))]
+    assert merged(iter(chunks)).content == answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        'Sure.\n```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```',
+        '{"name": "add", "arguments": {"a": 1, "b": 2',  # cut by max_tokens
+    ],
+)
+def test_invoke_and_a_merged_stream_agree(tiny_model_path: str, answer: str) -> None:
+    chat = ChatMLX(model=tiny_model_path)
+    assert chat.llm is not None
+    engine = chat.llm.engine
+    ids = list(engine.tokenizer.encode("Add.", add_special_tokens=False))
+    n = len(engine.tokenizer.encode(answer, add_special_tokens=False))
+    request = Request(
+        ids,
+        GenerationSettings(max_tokens=n),
+        [script(engine.tokenizer, answer)],
+        text=TextRules(bare_json_calls=True),
+    )
+    assembler = ChunkAssembler("tiny", tool_names=frozenset({"add"}))
+    streamed = merged(
+        iter([c for e in engine.submit(request) if (c := assembler.chunk(e))])
+    )
+    from langchain_core.messages import AIMessage
+
+    invoked = AIMessage(
+        content=streamed.content, response_metadata=streamed.response_metadata
+    )
+    assembler.finish(invoked)
+    assert streamed.content == invoked.content
+    assert [c["name"] for c in streamed.tool_calls] == [
+        c["name"] for c in invoked.tool_calls
+    ]
+    assert len(streamed.invalid_tool_calls) == len(invoked.invalid_tool_calls)
+    if invoked.tool_calls:
+        assert streamed.content == "Sure.\n"  # the empty fence went with the call
+    else:
+        assert invoked.invalid_tool_calls[0]["name"] == "add"
+        assert "max_tokens" in str(invoked.invalid_tool_calls[0]["error"])
+
+
+def test_close_frees_the_model_held_by_every_object(model_copy: str) -> None:
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()
+    a = ChatMLX(model=model_copy, max_tokens=2)
+    b = ChatMLX(model=model_copy, max_tokens=2)  # the same engine, its own pipeline
+    loaded = mx.get_active_memory()
+    a.close()
+    gc.collect()
+    assert mx.get_active_memory() - baseline < (loaded - baseline) / 4
+    with pytest.raises(EngineStoppedError):
+        b.invoke("hi")
+
+
+def test_spellings_of_one_folder_share_one_engine(model_copy: str) -> None:
+    import os
+
+    here = os.getcwd()
+    os.chdir(Path(model_copy).parent)
+    try:
+        a = MLXPipeline.from_model_id(model_copy)
+        b = MLXPipeline.from_model_id(Path(model_copy).name)
+        c = MLXPipeline.from_model_id(model_copy + "/")
+    finally:
+        os.chdir(here)
+    assert a.engine is b.engine is c.engine
+    a.close()

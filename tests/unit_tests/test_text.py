@@ -179,3 +179,44 @@ def test_logprob_entries_join_to_the_emitted_text() -> None:
     assert logprobs == [-1.0, -2.0, -3.0, -4.0, -5.0]  # " Ob" partly returned
     assert segments[-1].logprobs[-1].token == " "
     assert segments[0].logprobs[0].bytes == tuple(b"Hel")
+
+
+def test_a_fenced_call_is_one_tool_region_with_its_fences() -> None:
+    pieces = [
+        "Here:\n``",
+        '`json\n{"name": "f", "arguments": {}}\n``',
+        "`\nDone ```c\nint x;\n```",
+    ]
+    assert route(pieces, CALLS)[0] == [
+        ("content", "Here:\n"),
+        ("tool", '```json\n{"name": "f", "arguments": {}}\n```'),
+        ("content", "\nDone ```c\nint x;\n```"),
+    ]
+
+
+def test_a_fenced_call_without_a_closing_fence_ends_at_its_brace() -> None:
+    out, _ = route(['```\n{"name": "f"}', " and more"], CALLS)
+    assert out == [("tool", '```\n{"name": "f"}'), ("content", " and more")]
+
+
+class HoldingDetokenizer(FakeDetokenizer):
+    """Holds a trailing space until the end, as mlx-lm's BPE detokenizer does."""
+
+    def add_token(self, token: int) -> None:
+        text = self.texts[token]
+        self.last_segment, self.held = ("", text) if text == " " else (text, "")
+
+    def finalize(self) -> None:
+        self.last_segment = self.held
+
+
+def test_logprob_entries_cover_text_released_at_the_end() -> None:
+    text = RequestText(
+        TextRules(), (), HoldingDetokenizer({1: "Hello", 2: " "}), with_logprobs=True
+    )
+    segments = text.add(1, TokenLogprob("", -1.0, ()))
+    segments += text.add(2, TokenLogprob("", -2.0, ()))
+    segments += text.finish()
+    assert "".join(s.text for s in segments) == "Hello "
+    for s in segments:
+        assert "".join(e.token for e in s.logprobs) == s.text
