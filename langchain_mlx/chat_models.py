@@ -16,6 +16,7 @@ Flow, by function::
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,7 @@ from langchain_mlx._tools import (
     plan_call,
     template_renders_tools,
 )
+from langchain_mlx.engine.handle import aread, read
 from langchain_mlx.engine.types import Final, Request, Segment
 from langchain_mlx.engine.worker import Engine
 from langchain_mlx.llms import EngineFields, MLXPipeline
@@ -359,15 +361,11 @@ class ChatMLX(BaseChatModel, EngineFields):
     ) -> Iterator[ChatGenerationChunk]:
         engine, request, assembler = self._prepare(messages, stop, kwargs)
         turn.append(assembler)
-        handle = engine.submit(request)
-        try:
-            for event in handle:
-                if (chunk := _generation_chunk(assembler, event)) is not None:
-                    if run_manager and chunk.text:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
-        finally:
-            handle.close()  # cancels the request if we stopped early
+        yield from read(
+            engine.submit(request),
+            functools.partial(_generation_chunk, assembler),
+            run_manager.on_llm_new_token if run_manager else None,
+        )
 
     async def _arun(
         self,
@@ -385,13 +383,14 @@ class ChatMLX(BaseChatModel, EngineFields):
         turn.append(assembler)
         handle = engine.submit(request, loop=asyncio.get_running_loop())
         try:
-            async for event in handle:
-                if (chunk := _generation_chunk(assembler, event)) is not None:
-                    if run_manager and chunk.text:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
-        finally:
-            handle.close()  # cancels the request if we stopped early
+            async for chunk in aread(
+                handle,
+                functools.partial(_generation_chunk, assembler),
+                run_manager.on_llm_new_token if run_manager else None,
+            ):
+                yield chunk
+        finally:  # closing this generator does not close the inner one
+            handle.close()
 
     def _stream(
         self,

@@ -24,7 +24,7 @@ from typing_extensions import Self
 
 from langchain_mlx._output import response_metadata, usage_metadata
 from langchain_mlx._settings import GenerationSettings, canonical_settings
-from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.handle import aread, read
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
     Final,
@@ -256,32 +256,6 @@ class MLXPipeline(LLM, EngineFields):
         info["usage"] = dict(usage_metadata(event))
         return GenerationChunk(text="", generation_info=info)
 
-    def _read(
-        self, handle: RequestHandle, run_manager: CallbackManagerForLLMRun | None
-    ) -> Iterator[GenerationChunk]:
-        try:
-            for event in handle:
-                chunk = self._chunk(event)
-                if run_manager and chunk.text:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-        finally:
-            handle.close()  # cancels the request if we stopped early
-
-    async def _aread(
-        self,
-        handle: RequestHandle,
-        run_manager: AsyncCallbackManagerForLLMRun | None,
-    ) -> AsyncIterator[GenerationChunk]:
-        try:
-            async for event in handle:
-                chunk = self._chunk(event)
-                if run_manager and chunk.text:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-        finally:
-            handle.close()  # cancels the request if we stopped early
-
     def _stream(
         self,
         prompt: str,
@@ -290,7 +264,7 @@ class MLXPipeline(LLM, EngineFields):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         handle = self._engine.submit(self._request(prompt, stop, kwargs))
-        return self._read(handle, run_manager)
+        return read(handle, self._chunk, _on_token(run_manager))
 
     def _astream(
         self,
@@ -310,8 +284,11 @@ class MLXPipeline(LLM, EngineFields):
     ) -> AsyncIterator[GenerationChunk]:
         request = self._request(prompt, stop, kwargs)
         handle = self._engine.submit(request, loop=asyncio.get_running_loop())
-        async for chunk in self._aread(handle, run_manager):
-            yield chunk
+        try:
+            async for chunk in aread(handle, self._chunk, _on_token(run_manager)):
+                yield chunk
+        finally:  # closing this generator does not close the inner one
+            handle.close()
 
     def _generate(
         self,
@@ -326,7 +303,8 @@ class MLXPipeline(LLM, EngineFields):
         handles = self._engine.submit_many(requests)
         try:
             generations = [
-                [_combine(list(self._read(h, run_manager)))] for h in handles
+                [_combine(list(read(h, self._chunk, _on_token(run_manager))))]
+                for h in handles
             ]
         finally:
             for h in handles:
@@ -345,7 +323,9 @@ class MLXPipeline(LLM, EngineFields):
         try:
             generations = []
             for h in handles:
-                chunks = [c async for c in self._aread(h, run_manager)]
+                chunks = [
+                    c async for c in aread(h, self._chunk, _on_token(run_manager))
+                ]
                 generations.append([_combine(chunks)])
         finally:
             for h in handles:
@@ -388,6 +368,10 @@ class MLXPipeline(LLM, EngineFields):
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _on_token(run_manager: Any) -> Any:
+    return run_manager.on_llm_new_token if run_manager else None
 
 
 def _combine(chunks: list[GenerationChunk]) -> Generation:

@@ -26,14 +26,15 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 from langchain_mlx.engine.types import Event, Final
 
 POLL_SECONDS = 1.0  # how often a waiting reader checks that the worker lives
 
 _END = object()
+T = TypeVar("T")
 
 
 class RequestHandle:
@@ -134,3 +135,43 @@ class RequestHandle:
                 yield self._take(await self._async_q.get())
         finally:
             self._finish()
+
+
+# -- the one consumption loop (sync and async), for every LangChain class --------
+
+
+def read(
+    handle: RequestHandle,
+    convert: Callable[[Event], T | None],
+    on_token: Callable[..., Any] | None = None,
+) -> Iterator[T]:
+    """The request's events, converted (e.g. to chunks); `on_token(text, chunk=)`.
+
+    Closing this iterator (or leaving it) cancels an unfinished request.
+    """
+    try:
+        for event in handle:
+            if (chunk := convert(event)) is not None:
+                text = getattr(chunk, "text", "")
+                if on_token is not None and text:
+                    on_token(text, chunk=chunk)
+                yield chunk
+    finally:
+        handle.close()
+
+
+async def aread(
+    handle: RequestHandle,
+    convert: Callable[[Event], T | None],
+    on_token: Callable[..., Awaitable[Any]] | None = None,
+) -> AsyncIterator[T]:
+    """`read` for asyncio (the handle was submitted with `loop=`)."""
+    try:
+        async for event in handle:
+            if (chunk := convert(event)) is not None:
+                text = getattr(chunk, "text", "")
+                if on_token is not None and text:
+                    await on_token(text, chunk=chunk)
+                yield chunk
+    finally:
+        handle.close()
