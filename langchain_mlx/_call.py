@@ -28,7 +28,7 @@ def request_for(
     if plan.grammar is not None:
         compiler = ConstraintCompiler.for_tokenizer(tokenizer)
         constraint = compiler.processor(plan.grammar, plan.grammar_what)
-    forced_call = plan.parse_tools and plan.grammar is not None
+    forced_call = plan.call_required
     assembler = ChunkAssembler(
         model_name,
         tool_names=plan.tool_names if plan.parse_tools else frozenset(),

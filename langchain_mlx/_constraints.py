@@ -100,11 +100,6 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return str(LLMatcher.grammar_from_json_schema(_with_options(schema)))
 
 
-def json_object_grammar() -> str:
-    """A grammar for any JSON object (`json_mode`)."""
-    return json_schema_grammar({"type": "object"})
-
-
 def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """JSON schema of one call `{"name": ..., "arguments": {...}}` to any of `tools`."""
     variants = []
@@ -136,6 +131,31 @@ def tool_call_grammar(
             "a tool call was required but no tools are bound; pass tools to bind_tools"
         )
         raise ValueError(msg)
+    repeat = ' ("\\n" call)*' if parallel else ""
+    return f"start: call{repeat}\n{_call_rules(tools, fmt)}"
+
+
+def tool_or_answer_grammar(
+    tools: Sequence[dict[str, Any]],
+    fmt: ToolCallFormat,
+    answer_schema: dict[str, Any],
+    *,
+    parallel: bool,
+) -> str:
+    """Either tool calls (several if `parallel`) or a final answer in a schema.
+
+    What an agent with a structured final answer needs: it may call tools
+    first; when it answers, the answer follows the schema.
+    """
+    repeat = ' ("\\n" call)*' if parallel else ""
+    answer = json.dumps(_with_options(answer_schema))
+    return (
+        f"start: call{repeat} | answer\n{_call_rules(tools, fmt)}"
+        f"answer: %json {answer}\n"
+    )
+
+
+def _call_rules(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> str:
     schema = json.dumps(_with_options(tool_call_schema(tools)))
     if fmt.tagged:
         start = fmt.start_lark or json.dumps(fmt.start)
@@ -143,8 +163,7 @@ def tool_call_grammar(
         call = f"{start} json_call {end}"
     else:
         call = "json_call"
-    repeat = ' ("\\n" call)*' if parallel else ""
-    return f"start: call{repeat}\ncall: {call}\njson_call: %json {schema}\n"
+    return f"call: {call}\njson_call: %json {schema}\n"
 
 
 class ConstraintCompiler:

@@ -21,9 +21,9 @@ from typing import Any
 
 from langchain_mlx._constraints import (
     ToolCallFormat,
-    json_object_grammar,
     json_schema_grammar,
     tool_call_grammar,
+    tool_or_answer_grammar,
 )
 
 FORMATS_WE_CAN_FORCE = {"json_tools"}  # mlx-lm parser modules whose calls are JSON
@@ -280,6 +280,8 @@ class CallPlan:
     """Human words for the grammar, for error messages."""
     parse_tools: bool
     """Whether generated text is searched for tool calls."""
+    call_required: bool
+    """The output is constrained to tool calls only (`tool_choice` forces one)."""
     tool_names: frozenset[str]
     parallel: bool | None
     """`parallel_tool_calls` as bound (False keeps only the first parsed call)."""
@@ -429,13 +431,7 @@ def plan_call(
         else:
             instructions.append(fallback_instructions(tools))
         if choice is not None:  # a call is required: constrain decoding to one
-            if parser_name is not None and parser_name not in FORMATS_WE_CAN_FORCE:
-                msg = (
-                    f"this model writes tool calls in the {parser_name!r} format; "
-                    "forcing a call (tool_choice) is supported for JSON tool calls "
-                    "only. Use tool_choice='auto' with this model."
-                )
-                raise ValueError(msg)
+            _require_json_calls(parser_name, "forcing a call (tool_choice)")
             chosen = (
                 tools
                 if choice == "required"
@@ -449,7 +445,20 @@ def plan_call(
         if grammar is not None:
             msg = "use either a forced tool call or response_format, not both"
             raise ValueError(msg)
-        grammar, what, text = _response_grammar(response_format)
+        answer_schema, what, text = _response_schema(response_format)
+        if active:  # an agent: tool calls first, then the answer in the schema
+            _require_json_calls(parser_name, "a structured answer with tools")
+            grammar = tool_or_answer_grammar(
+                tools, fmt, answer_schema, parallel=bool(parallel_tool_calls)
+            )
+            what = f"a tool call or {what}"
+            text = (
+                "When you give your final answer (not a tool call), "
+                + text[0].lower()
+                + text[1:]
+            )
+        else:
+            grammar = json_schema_grammar(answer_schema)
         instructions.append(text)
     start = fmt.start.strip() if fmt.start else None
     end = fmt.end.strip() if fmt.end else None
@@ -459,6 +468,7 @@ def plan_call(
         grammar=grammar,
         grammar_what=what,
         parse_tools=active,
+        call_required=active and choice is not None,
         tool_names=frozenset(names),
         parallel=parallel_tool_calls,
         call_format=ToolCallFormat(start, end),
@@ -466,7 +476,18 @@ def plan_call(
     )
 
 
-def _response_grammar(response_format: Any) -> tuple[str, str, str]:
+def _require_json_calls(parser_name: str | None, what: str) -> None:
+    if parser_name is not None and parser_name not in FORMATS_WE_CAN_FORCE:
+        msg = (
+            f"this model writes tool calls in the {parser_name!r} format; {what} is "
+            "supported for JSON tool calls only. Use tool_choice='auto' with this "
+            "model (for an agent's structured answer: ToolStrategy)."
+        )
+        raise ValueError(msg)
+
+
+def _response_schema(response_format: Any) -> tuple[dict[str, Any], str, str]:
+    """The JSON schema a response must follow, its name, and the instruction."""
     if not isinstance(response_format, dict):  # a pydantic class, TypedDict, ...
         from langchain_core.utils.function_calling import convert_to_json_schema
 
@@ -481,7 +502,7 @@ def _response_grammar(response_format: Any) -> tuple[str, str, str]:
         response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
     kind = response_format.get("type")
     if kind == "json_object":
-        return json_object_grammar(), "a JSON object", "Answer with a JSON object."
+        return {"type": "object"}, "a JSON object", "Answer with a JSON object."
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema", spec)
@@ -489,10 +510,53 @@ def _response_grammar(response_format: Any) -> tuple[str, str, str]:
             "Answer with a JSON object that matches this JSON schema:\n"
             + json.dumps(schema, ensure_ascii=False)
         )
-        return json_schema_grammar(schema), "the response schema", text
+        return schema, "the response schema", text
     msg = (
         f"response_format type {kind!r} is not supported; use "
         "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or "
         "{'type': 'json_object'}"
     )
     raise ValueError(msg)
+
+
+def model_profile(
+    name: str, context_length: int | None, tokenizer: Any
+) -> dict[str, Any]:
+    """What `ChatMLX.profile` says about a loaded model, from its own files.
+
+    The context window comes from its config; tool calling and tool choice from
+    its chat template and tool-call format; reasoning from its tokenizer's
+    thinking markers. Structured output is native: decoding is constrained.
+    """
+    facts = tool_facts(tokenizer)
+    json_calls = facts.parser_name is None or facts.parser_name in FORMATS_WE_CAN_FORCE
+    profile: dict[str, Any] = {
+        "name": name,
+        "open_weights": True,
+        "text_inputs": True,
+        "image_inputs": False,
+        "image_url_inputs": False,
+        "pdf_inputs": False,
+        "audio_inputs": False,
+        "video_inputs": False,
+        "image_tool_message": False,
+        "pdf_tool_message": False,
+        "text_outputs": True,
+        "image_outputs": False,
+        "audio_outputs": False,
+        "video_outputs": False,
+        "reasoning_output": bool(getattr(tokenizer, "has_thinking", False)),
+        # the template renders tools, or a system instruction describes them
+        "tool_calling": True,
+        "tool_choice": json_calls,  # forced calls are grammar-constrained
+        "tool_call_streaming": True,  # the last chunk carries tool_call_chunks
+        "structured_output": True,  # constrained to the schema by llguidance
+        "temperature": True,
+        "attachment": False,
+        # templates may fold a later system message into the first turn
+        "mid_conversation_system_messages": False,
+        "mid_conversation_tools": False,
+    }
+    if context_length:
+        profile["max_input_tokens"] = context_length
+    return profile

@@ -19,7 +19,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -31,6 +31,7 @@ from langchain_core.language_models.chat_models import (
     agenerate_from_stream,
     generate_from_stream,
 )
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -53,6 +54,7 @@ from langchain_mlx._structured import (
 from langchain_mlx._tools import (
     CallPlan,
     format_tools,
+    model_profile,
     plan_call,
     template_renders_tools,
 )
@@ -254,7 +256,18 @@ class ChatMLX(BaseChatModel, EngineFields):
             self.tokenizer = self.llm.tokenizer
         self._field_settings()  # fail at construction, not at the first call
         self._pipeline.engine.require_options(self._engine_options())
+        if self.profile is None:  # core's validator ran before the model loaded
+            self.profile = self._resolve_model_profile()
         return self
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """The loaded model's capabilities, worked out from its own files."""
+        if self.llm is None:
+            return None
+        profile = model_profile(
+            str(self.model), self._pipeline.engine.context_length, self.tokenizer
+        )
+        return cast("ModelProfile", profile)
 
     @property
     def _llm_type(self) -> str:

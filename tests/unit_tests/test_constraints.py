@@ -171,3 +171,38 @@ def test_template_without_tools_gets_a_system_instruction(chat: ChatMLX) -> None
     # instruction instead of being dropped.
     msgs = with_tools.invoke("hi", max_tokens=1)
     assert msgs.usage_metadata["input_tokens"] > plain + 20
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ('{"name": "Add", "arguments": {"a": 1, "b": 2}}', True),  # a tool call
+        ('{"city": "Paris"}', True),  # the final answer
+        ('{"name": "Nope", "arguments": {}}', False),  # neither
+        ('{"city": 3}', False),
+    ],
+)
+def test_tools_with_a_response_format_allow_a_call_or_the_answer(
+    chat: ChatMLX, text: str, allowed: bool
+) -> None:
+    from llguidance import LLMatcher
+
+    from langchain_mlx._constraints import ConstraintCompiler
+    from langchain_mlx._tools import format_tools, plan_call
+
+    answer = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"schema": answer}}
+    plan = plan_call(chat.tokenizer, format_tools([Add]), None, None, fmt)
+    assert plan.grammar is not None and not plan.call_required
+    compiler = ConstraintCompiler.for_tokenizer(chat.tokenizer)
+    matcher = LLMatcher(compiler.lltokenizer, plan.grammar)
+    ids = chat.tokenizer.encode(text, add_special_tokens=False)
+    ok = matcher.validate_tokens(ids) == len(ids)
+    if ok:
+        matcher.consume_tokens(ids)
+        ok = matcher.is_accepting()
+    assert ok is allowed

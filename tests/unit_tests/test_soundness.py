@@ -19,13 +19,13 @@ import threading
 from collections.abc import Callable, Iterator
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessageChunk, HumanMessage
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from langchain_mlx import ChatMLX, MLXPipeline
 from langchain_mlx._output import ChunkAssembler
@@ -547,3 +547,34 @@ def test_spellings_of_one_folder_share_one_engine(model_copy: str) -> None:
         os.chdir(here)
     assert a.engine is b.engine is c.engine
     a.close()
+
+
+# -- LangChain 1.x agents read the profile ------------------------------------------
+
+
+class City(BaseModel):
+    """A city."""
+
+    name: str = Field(max_length=12)
+    country: Literal["France", "Italy", "Spain"]
+
+
+def test_profile_is_worked_out_from_the_model(tiny_model_path: str) -> None:
+    chat = ChatMLX(model=tiny_model_path)
+    assert chat.profile is not None
+    assert chat.profile["max_input_tokens"] == 8192  # the config's context
+    assert chat.profile["structured_output"] is True
+    assert chat.profile["tool_calling"] is True
+    assert chat.profile["image_inputs"] is False
+    assert chat.profile["reasoning_output"] is False
+
+
+def test_create_agent_uses_native_structured_output(tiny_model_path: str) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.messages import ToolMessage
+
+    chat = ChatMLX(model=tiny_model_path, max_tokens=64)
+    agent = create_agent(chat, tools=[], response_format=City)
+    state = agent.invoke({"messages": [("user", "A city?")]})
+    assert isinstance(state["structured_response"], City)
+    assert not any(isinstance(m, ToolMessage) for m in state["messages"])

