@@ -2,6 +2,8 @@
 
 langchain-mlx chat "What is the capital of France?"
 langchain-mlx chat --model ./my-mlx-folder --max-tokens 200 "Hi"
+langchain-mlx chat                         # a conversation: one turn per line
+printf 'Hi\nAnd then?\n' | langchain-mlx chat -v
 langchain-mlx models list
 langchain-mlx models prepare qwen2.5-coder-0.5b-instruct
 
@@ -9,20 +11,27 @@ Exit codes: 0 done; 2 a usage error or an error the user can fix (a bad option,
 a broken model folder, a model that cannot be prepared, a prompt too long for the
 model), printed as one line ``langchain-mlx: error: ...``; 1 anything unexpected
 (one line too; ``--debug`` prints the traceback); 130 interrupted (Ctrl-C).
+
+In a conversation stdout carries only the answers (each followed by a newline);
+prompts (on a terminal), notices, `/help` and the `-v` summaries go to stderr.
+Ctrl-C stops the current answer and leaves that turn (question and partial
+answer) out of the history; Ctrl-C at the prompt, or while an answer is being
+stopped, ends the session with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import linecache
 import math
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from langchain_mlx.engine.types import (
     SEED_RANGE,
@@ -33,6 +42,8 @@ from langchain_mlx.engine.types import (
 from langchain_mlx.models import prepare as _models
 
 if TYPE_CHECKING:
+    from langchain_core.messages import AIMessageChunk, BaseMessage
+
     from langchain_mlx.chat_models import ChatMLX
 
 PROG = "langchain-mlx"
@@ -46,6 +57,15 @@ _USER_ERRORS = (
     ContextWindowExceededError,
 )
 _PACKAGE = Path(__file__).resolve().parent
+PROMPT = ">>> "
+HELP = """\
+Type a message and press Enter; the answer streams as it is generated.
+  /reset   forget the conversation (the --system message stays)
+  /help    show this help
+  /exit    end the session (also /quit, or Ctrl-D at the prompt)
+  //text   send a message that starts with '/'
+Ctrl-C stops an answer (that turn is left out of the history);
+Ctrl-C at the prompt ends the session."""
 
 
 def _progress(message: str) -> None:
@@ -79,23 +99,134 @@ def _chat(args: argparse.Namespace) -> int:
     if Path(path).is_dir():  # fail fast, before MLX is imported and loads it
         _models.check_model_folder(path)
     chat = _open_chat(args)
-    usage = None
-    for chunk in chat.stream([HumanMessage(args.question)]):
-        sys.stdout.write(str(chunk.content))
-        sys.stdout.flush()
-        if chunk.usage_metadata:
-            usage = (chunk.usage_metadata, chunk.response_metadata)
+    if args.question is None:
+        return _conversation(args, chat)
+    answer = _stream_answer(chat, [HumanMessage(args.question)])
     sys.stdout.write("\n")
-    if usage and args.verbose:
-        tokens, meta = usage
-        _progress(
-            f"{tokens['input_tokens']} prompt tokens "
-            f"({meta['prompt_tokens_per_second']:.1f} tok/s), "
-            f"{tokens['output_tokens']} generated "
-            f"({meta['generation_tokens_per_second']:.1f} tok/s), "
-            f"finish: {meta['finish_reason']}"
-        )
+    if answer is None:
+        return EXIT_INTERRUPTED
+    if args.verbose:
+        _print_summary(answer)
     return 0
+
+
+def _stream_answer(chat: ChatMLX, messages: list[BaseMessage]) -> AIMessageChunk | None:
+    """Write the answer to stdout as it streams; the whole message (chunks added).
+
+    None if Ctrl-C stopped it. However the reading ends, the stream is closed,
+    which cancels the request in the engine. A second Ctrl-C while closing
+    propagates (the caller exits 130).
+    """
+    stream = chat.stream(messages)
+    answer: AIMessageChunk | None = None
+    try:
+        for chunk in stream:
+            sys.stdout.write(str(chunk.content))
+            sys.stdout.flush()
+            answer = chunk if answer is None else answer + chunk
+    except KeyboardInterrupt:
+        _close(stream)  # a second Ctrl-C here is not caught: the session ends
+        return None
+    finally:
+        _close(stream)  # errors and normal ends too (a no-op once closed)
+    if answer is None:
+        from langchain_core.messages import AIMessageChunk
+
+        answer = AIMessageChunk(content="")
+    return answer
+
+
+def _close(stream: Iterator[Any]) -> None:
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()
+
+
+def _print_summary(answer: AIMessageChunk) -> None:
+    """One line on stderr: tokens, cache reuse, speeds, finish reason."""
+    tokens, meta = answer.usage_metadata, answer.response_metadata
+    if not tokens or "prompt_tokens_per_second" not in meta:
+        return
+    cached = (tokens.get("input_token_details") or {}).get("cache_read", 0)
+    _progress(
+        f"{tokens['input_tokens']} prompt tokens "
+        f"({cached} from cache, {meta['prompt_tokens_per_second']:.1f} tok/s), "
+        f"{tokens['output_tokens']} generated "
+        f"({meta['generation_tokens_per_second']:.1f} tok/s), "
+        f"finish: {meta.get('finish_reason')}"
+    )
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next line the user typed (None at the end of input).
+
+    On a terminal: `input()` with a prompt (line editing when readline is
+    available; the prompt goes to stderr when stdout is redirected, so the
+    output holds only answers). Piped: the next line of stdin, no prompt.
+    """
+    if not interactive:
+        line = sys.stdin.readline()
+        return line or None
+    try:
+        if sys.stdout.isatty():
+            return input(PROMPT)
+        sys.stderr.write(PROMPT)
+        sys.stderr.flush()
+        return input()
+    except EOFError:  # Ctrl-D
+        sys.stdout.write("\n")
+        return None
+
+
+def _conversation(args: argparse.Namespace, chat: ChatMLX) -> int:
+    """Chat turn by turn until `/exit` or the end of input; keep the history."""
+    from langchain_core.messages import HumanMessage, message_chunk_to_message
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # `input()` gains line editing
+            importlib.import_module("readline")
+        _progress(f"chatting with {args.model}; /help for commands, /exit to end")
+    history: list[BaseMessage] = []
+    while True:
+        try:
+            line = _read_turn(interactive)
+        except KeyboardInterrupt:  # at the prompt: end the session
+            sys.stdout.write("\n")
+            return EXIT_INTERRUPTED
+        if line is None:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            if text in ("/exit", "/quit"):
+                return 0
+            if text == "/reset":
+                history.clear()
+                if interactive:
+                    _progress("the conversation is forgotten")
+            elif text == "/help":
+                print(HELP, file=sys.stderr)
+            else:
+                _progress(f"unknown command {text.split()[0]!r} (ignored); try /help")
+            continue
+        question = HumanMessage(text.removeprefix("/"))  # "//x" sends "/x"
+        try:
+            answer = _stream_answer(chat, [*history, question])
+        except ContextWindowExceededError as e:
+            if not interactive:  # a script cannot /reset: fail (exit 2)
+                raise
+            print(f"{PROG}: error: {_one_line(str(e))}; or /reset", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if answer is None:
+            _progress("stopped; this question and its partial answer are not kept")
+            continue
+        history += [question, message_chunk_to_message(answer)]
+        if args.verbose:
+            _print_summary(answer)
 
 
 def _models_cmd(args: argparse.Namespace) -> int:
@@ -177,9 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser(
-        "chat", help="answer one question, streaming tokens", parents=[common]
+        "chat",
+        help="answer one question, or chat turn by turn (without a question)",
+        description="Answer the question and exit; without one, hold a conversation: "
+        "one turn per line from the terminal or from piped stdin (/help lists "
+        "the commands).",
+        parents=[common],
     )
-    chat.add_argument("question")
+    chat.add_argument(
+        "question", nargs="?", default=None, help="omit to start a conversation"
+    )
     chat.add_argument(
         "--model",
         default=_models.DEFAULT_MODEL,
@@ -194,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--seed", type=_seed, default=None, help="for sampling")
     chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("-v", "--verbose", action="store_true", help="print speed")
+    chat.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print tokens, cache reuse and speed of each answer",
+    )
     chat.set_defaults(func=_chat)
 
     models = sub.add_parser(
