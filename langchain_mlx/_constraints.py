@@ -19,12 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Compact but readable JSON, the way chat templates print it (`tojson`); no
-# free whitespace, or weak models wander in it.
+# Whitespace between JSON tokens: none, one space, or one newline with an
+# indent of up to 20 spaces. So the model may write JSON the way it learned to
+# (compact `{"a": 1}` as chat templates print it, or pretty-printed), but cannot
+# wander in whitespace. A fixed `", "` separator forbade Qwen's `",\n` token:
+# in json_mode greedy Qwen2.5-Coder then never closed its first string and
+# repeated itself to max_tokens.
 JSON_OPTIONS: dict[str, Any] = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
+    "whitespace_flexible": True,
+    "whitespace_pattern": r"(?:\n {0,20}| )",
+    "item_separator": ",",
+    "key_separator": ":",
 }
 
 
