@@ -94,6 +94,7 @@ def main() -> int:
             "bench_constraints.py",
             "bench_agent_loop.py",
             "bench_concurrency.py",
+            "bench_embeddings.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")

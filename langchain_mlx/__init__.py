@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from langchain_mlx._control_tokens import UnencodableTextError
     from langchain_mlx._messages import ChatTemplateError, UnsupportedContentError
     from langchain_mlx.chat_models import ChatMLX
+    from langchain_mlx.embeddings import MLXEmbeddings
     from langchain_mlx.engine.types import (
         ContextWindowExceededError,
         EngineOverloadedError,
@@ -40,6 +41,7 @@ except metadata.PackageNotFoundError:  # running from a source tree
 _LAZY = {
     "ChatMLX": "langchain_mlx.chat_models",
     "MLXPipeline": "langchain_mlx.llms",
+    "MLXEmbeddings": "langchain_mlx.embeddings",
     "ChatTemplateError": "langchain_mlx._messages",
     "ConstraintViolationError": "langchain_mlx._constraints",
     "ContextWindowExceededError": "langchain_mlx.engine.types",
@@ -63,6 +65,7 @@ __all__ = [
     "EngineOverloadedError",
     "EngineStoppedError",
     "GenerationTimeoutError",
+    "MLXEmbeddings",
     "MLXPipeline",
     "ModelLoadError",
     "ModelPreparationError",

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 # Whitespace between JSON tokens: none, one space, or one newline with an
-# indent of up to 20 spaces. So the model may write JSON the way it learned to
+# indent of up to 12 spaces. So the model may write JSON the way it learned to
 # (compact `{"a": 1}` as chat templates print it, or pretty-printed), but cannot
 # wander in whitespace. A fixed `", "` separator forbade Qwen's `",\n` token:
 # in json_mode greedy Qwen2.5-Coder then never closed its first string and
 # repeated itself to max_tokens.
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": True,
-    "whitespace_pattern": r"(?:\n {0,20}| )",
+    "whitespace_pattern": r"(?:\n {0,12}| )",
     "item_separator": ",",
     "key_separator": ":",
 }
@@ -154,8 +154,12 @@ def tool_or_answer_grammar(
     """
     repeat = ' ("\\n" call)*' if parallel else ""
     answer = json.dumps(_with_options(answer_schema))
+    # a family with call markers may also write a bare JSON call (Qwen2.5-Coder
+    # does): here the model picks, so its natural form must be allowed
+    bare = ' | json_call ("\\n" json_call)*' if fmt.tagged and parallel else ""
+    bare = bare or (" | json_call" if fmt.tagged else "")
     return (
-        f"start: call{repeat} | answer\n{_call_rules(tools, fmt)}"
+        f"start: call{repeat}{bare} | answer\n{_call_rules(tools, fmt)}"
         f"answer: %json {answer}\n"
     )
 

@@ -138,6 +138,8 @@ class TextRouter:
         self._in_string = False
         self._escaped = False
         self._fenced = False  # json mode: the call opened a markdown fence
+        self._calls_possible = bool(rules.bare_json_calls or rules.tool_start)
+        self._calls_seen = False
         self._closed: int | None = None  # json mode: where the JSON value ended
         self.stopped = False
         """True once a stop string was seen; nothing after it is emitted."""
@@ -156,7 +158,10 @@ class TextRouter:
         """The end of generation: release what was held back (if not stopped)."""
         if self.stopped or not self._buf:
             return []
-        pieces = [Piece(_MODE_KIND[self._mode], self._buf, self._offset)]
+        kind = _MODE_KIND[self._mode]
+        if kind == "content" and self._calls_seen and not self._buf.strip():
+            kind = "tool"  # whitespace after the last call is the call's
+        pieces = [Piece(kind, self._buf, self._offset)]
         self._offset += len(self._buf)
         self._buf = ""
         return pieces
@@ -183,9 +188,11 @@ class TextRouter:
             return False
         if marker is not None:
             at, length, mode, keep = marker
-            if keep:  # a call's markers stay in its text (the parser reads them)
-                # the start marker opens the call's text, the end marker closes it
-                self._emit(pieces, at + length if mode == "content" else at)
+            if keep and mode != "content":  # a call starts: whitespace before
+                self._emit(pieces, len(self._buf[:at].rstrip()))  # it is the call's
+                self._calls_seen = True
+            elif keep:  # the end marker closes the call's text
+                self._emit(pieces, at + length)
             else:
                 self._emit(pieces, at)
                 self._skip(length)
@@ -193,7 +200,7 @@ class TextRouter:
             if mode == "json":
                 self._depth, self._scan, self._closed = 0, 0, None
                 self._in_string = self._escaped = False
-                self._fenced = self._buf.startswith("`")
+                self._fenced = self._buf.lstrip().startswith("`")
             return True
         safe = len(self._buf) - self._held_back()
         if self._mode in ("tagged", "json", "forced") or safe > 0:
@@ -262,6 +269,11 @@ class TextRouter:
             found = json_call_start(buf)
             if found is not None and not found[2]:
                 longest = max(longest, len(buf) - found[0])
+        if self._mode == "content" and self._calls_possible:
+            # whitespace may lead into a call (then it goes with the call)
+            longest += len(buf[: len(buf) - longest]) - len(
+                buf[: len(buf) - longest].rstrip()
+            )
         return longest
 
     def _fence_end(self, end: int) -> int | None:

@@ -83,8 +83,8 @@ def test_code_with_braces_streams_when_tools_are_bound() -> None:
 def test_a_bare_json_call_is_routed_as_tool_text_until_it_closes() -> None:
     pieces = ["Sure: ", '{"na', 'me": "f", "arguments": {"a": "}"}}', " done"]
     assert route(pieces, CALLS)[0] == [
-        ("content", "Sure: "),
-        ("tool", '{"name": "f", "arguments": {"a": "}"}}'),
+        ("content", "Sure:"),  # whitespace before a call goes with the call
+        ("tool", ' {"name": "f", "arguments": {"a": "}"}}'),
         ("content", " done"),
     ]
 
@@ -92,8 +92,8 @@ def test_a_bare_json_call_is_routed_as_tool_text_until_it_closes() -> None:
 def test_an_array_of_calls_is_one_tool_region() -> None:
     out, _ = route(['x [ {"name": "a"}, {"name": "b"}] y'], CALLS)
     assert out == [
-        ("content", "x "),
-        ("tool", '[ {"name": "a"}, {"name": "b"}]'),
+        ("content", "x"),
+        ("tool", ' [ {"name": "a"}, {"name": "b"}]'),
         ("content", " y"),
     ]
 
@@ -104,8 +104,8 @@ def test_tagged_calls_keep_their_markers_for_the_parser() -> None:
     )
     out, _ = route(["Hi <tool", '_call>\n{"name": "f"}\n</tool_', "call> bye"], rules)
     assert out == [
-        ("content", "Hi "),
-        ("tool", '<tool_call>\n{"name": "f"}\n</tool_call>'),
+        ("content", "Hi"),
+        ("tool", ' <tool_call>\n{"name": "f"}\n</tool_call>'),
         ("content", " bye"),
     ]
 
@@ -188,8 +188,8 @@ def test_a_fenced_call_is_one_tool_region_with_its_fences() -> None:
         "`\nDone ```c\nint x;\n```",
     ]
     assert route(pieces, CALLS)[0] == [
-        ("content", "Here:\n"),
-        ("tool", '```json\n{"name": "f", "arguments": {}}\n```'),
+        ("content", "Here:"),
+        ("tool", '\n```json\n{"name": "f", "arguments": {}}\n```'),
         ("content", "\nDone ```c\nint x;\n```"),
     ]
 
@@ -220,3 +220,11 @@ def test_logprob_entries_cover_text_released_at_the_end() -> None:
     assert "".join(s.text for s in segments) == "Hello "
     for s in segments:
         assert "".join(e.token for e in s.logprobs) == s.text
+
+
+def test_whitespace_around_calls_goes_with_the_calls() -> None:
+    # Qwen writes "\n" before and between calls: not content of the message
+    out, _ = route(['\n{"name": "a"}', '\n{"name": "b"}\n'], CALLS)
+    assert out == [("tool", '\n{"name": "a"}\n{"name": "b"}\n')]
+    out, _ = route(['{"name": "a"}', "\n\nDone."], CALLS)
+    assert out == [("tool", '{"name": "a"}'), ("content", "\n\nDone.")]

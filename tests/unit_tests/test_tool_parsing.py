@@ -130,7 +130,7 @@ def test_tool_call_text_is_not_streamed_as_content() -> None:
         '"arguments": {"city": "Paris"}}',
     ]
     streamed = [c for seg in routed(pieces) if (c := asm.chunk(seg)) is not None]
-    assert "".join(str(c.content) for c in streamed) == "Sure, one moment. "
+    assert "".join(str(c.content) for c in streamed) == "Sure, one moment."
     last = asm.chunk(FakeFinal())
     assert last is not None and last.chunk_position == "last"
     [tcc] = last.tool_call_chunks
