@@ -89,3 +89,26 @@ def test_cli_models_prepare_prints_the_folder() -> None:
     )
     path = out.stdout.strip()
     assert path.endswith(DEFAULT_MODEL)
+
+
+def test_profile_and_create_agent_native_structured_output() -> None:
+    from typing import Literal
+
+    from langchain.agents import create_agent
+    from langchain_core.messages import ToolMessage
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        """A city and its country."""
+
+        name: str
+        country: Literal["France", "Italy", "Spain", "Germany"]
+
+    chat = ChatMLX(model=DEFAULT_MODEL, max_tokens=64)
+    assert chat.profile is not None
+    assert chat.profile["max_input_tokens"] == 8192
+    assert chat.profile["structured_output"] is True
+    agent = create_agent(chat, tools=[], response_format=City)
+    state = agent.invoke({"messages": [("user", "What is the capital of France?")]})
+    assert isinstance(state["structured_response"], City)
+    assert not any(isinstance(m, ToolMessage) for m in state["messages"])
