@@ -8,12 +8,23 @@ reads the engine's events back into message chunks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGenerationChunk
+
 from langchain_mlx._constraints import ConstraintCompiler
+from langchain_mlx._messages import render_prompt
 from langchain_mlx._output import ChunkAssembler
-from langchain_mlx._tools import CallPlan
-from langchain_mlx.engine.types import GenerationSettings, Request, TextRules
+from langchain_mlx._tools import CallPlan, template_renders_tools
+from langchain_mlx.engine.types import (
+    Event,
+    GenerationSettings,
+    Request,
+    TextRules,
+)
+from langchain_mlx.engine.worker import Engine
 
 
 def request_for(
@@ -71,3 +82,45 @@ def thinking_open(tokenizer: Any, prompt_ids: list[int]) -> bool:
         return False
     tail = tokenizer.decode(prompt_ids[-8:])
     return bool(tail.rstrip().endswith(markers[0]))
+
+
+def render_call(
+    tokenizer: Any,
+    messages: Sequence[BaseMessage],
+    plan: CallPlan,
+    system_message: SystemMessage | None,
+) -> list[int]:
+    """The prompt ids of a call: the conversation, its tools and instructions."""
+    return render_prompt(
+        tokenizer,
+        messages,
+        system_message=system_message,
+        tools=plan.template_tools,
+        system_suffix=plan.system_instructions,
+        calls_as_text=not template_renders_tools(tokenizer),
+    )
+
+
+def check_plan(
+    plan: CallPlan,
+    tokenizer: Any,
+    engine: Engine,
+    system_message: SystemMessage | None,
+) -> None:
+    """Fail at bind time for tools or a schema the model cannot take.
+
+    Too large for the context window, or a grammar the compiler cannot enforce.
+    """
+    probe = render_call(tokenizer, [HumanMessage("hi")], plan, system_message)
+    engine.check_fits(len(probe), 1)
+    if plan.grammar is not None:
+        compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+        compiler.check(plan.grammar, plan.grammar_what)
+
+
+def generation_chunk(
+    assembler: ChunkAssembler, event: Event
+) -> ChatGenerationChunk | None:
+    """The LangChain chunk for one engine event, if any."""
+    message = assembler.chunk(event)
+    return None if message is None else ChatGenerationChunk(message=message)

@@ -11,13 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from langchain_mlx.engine.types import (
     DEFAULT_MAX_TOKENS,
     SETTING_NAMES,
     GenerationSettings,
 )
 
-__all__ = ["DEFAULT_MAX_TOKENS", "GenerationSettings", "canonical_settings"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "GenerationSettings",
+    "SamplingFields",
+    "canonical_settings",
+]
 
 # community / mlx-lm name -> our field name
 _ALIASES = {
@@ -61,3 +68,39 @@ def canonical_settings(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
             raise ValueError(msg)
         out[name] = value
     return out
+
+
+class SamplingFields(BaseModel):
+    """The LangChain-standard sampling fields of `ChatMLX` (None: not set here)."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    """Sampling temperature; 0 is greedy. Overrides `pipeline_kwargs["temp"]`."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens to generate (default 256)."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens with this probability."""
+    top_k: int | None = Field(default=None, ge=0)
+    """Keep only the k most likely tokens (0: off)."""
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    """Drop tokens below this fraction of the top token's probability."""
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    """Multiplicative penalty for recently generated tokens (1.0: off)."""
+    repetition_context_size: int | None = Field(default=None, ge=1)
+    """How many recent tokens the repetition penalty looks at (default 20)."""
+    seed: int | None = None
+    """Random seed for sampling, for reproducible non-greedy output."""
+    stop: list[str] | None = None
+    """Stop strings: generation ends before the first one; it is never returned."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one generation may take; past it the call raises `TimeoutError`."""
+    logprobs: bool | None = None
+    """Return each token's log-probability in `response_metadata["logprobs"]`
+    (OpenAI's shape: `{"content": [{"token", "logprob", "bytes",
+    "top_logprobs"}, ...]}`), on invoke and on every stream chunk."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `logprobs`, also the N likeliest tokens at each position (0-20)."""
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The fields that are set, by `GenerationSettings` name."""
+        names = SamplingFields.model_fields
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -40,11 +40,9 @@ from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
 from langchain_mlx._batch import abatch_together, batch_together
-from langchain_mlx._call import request_for
-from langchain_mlx._constraints import ConstraintCompiler
-from langchain_mlx._messages import render_prompt
+from langchain_mlx._call import check_plan, generation_chunk, render_call, request_for
 from langchain_mlx._output import ChunkAssembler
-from langchain_mlx._settings import canonical_settings
+from langchain_mlx._settings import SamplingFields, canonical_settings
 from langchain_mlx._structured import (
     check_method,
     output_parser,
@@ -56,10 +54,9 @@ from langchain_mlx._tools import (
     format_tools,
     model_profile,
     plan_call,
-    template_renders_tools,
 )
 from langchain_mlx.engine.handle import aread, read
-from langchain_mlx.engine.types import Final, Request, Segment
+from langchain_mlx.engine.types import Request
 from langchain_mlx.engine.worker import Engine
 from langchain_mlx.llms import EngineFields, MLXPipeline
 from langchain_mlx.models.prepare import DEFAULT_MODEL
@@ -70,7 +67,7 @@ DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful, and honest assistant."
 _LANGCHAIN_INTERNAL_KWARGS = ("ls_structured_output_format",)
 
 
-class ChatMLX(BaseChatModel, EngineFields):
+class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
     """Chat with a local model on Apple MLX (mlx-lm), in process.
 
     Setup:
@@ -199,37 +196,11 @@ class ChatMLX(BaseChatModel, EngineFields):
     too: its `system_message` field (default `DEFAULT_SYSTEM_PROMPT`) never reached
     the prompt. Pass `SystemMessage(DEFAULT_SYSTEM_PROMPT)` for that text; small
     models can answer worse with it (SmolLM2-135M does)."""
-    temperature: float | None = Field(default=None, ge=0)
-    """Sampling temperature; 0 is greedy. Overrides `pipeline_kwargs["temp"]`."""
-    max_tokens: int | None = Field(default=None, ge=1)
-    """Most tokens to generate (default 256)."""
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    """Nucleus sampling: keep the smallest set of tokens with this probability."""
-    top_k: int | None = Field(default=None, ge=0)
-    """Keep only the k most likely tokens (0: off)."""
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    """Drop tokens below this fraction of the top token's probability."""
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    """Multiplicative penalty for recently generated tokens (1.0: off)."""
-    repetition_context_size: int | None = Field(default=None, ge=1)
-    """How many recent tokens the repetition penalty looks at (default 20)."""
-    seed: int | None = None
-    """Random seed for sampling, for reproducible non-greedy output."""
-    stop: list[str] | None = None
-    """Stop strings: generation ends before the first one; it is never returned."""
-    timeout: float | None = Field(default=None, gt=0)
-    """Seconds one generation may take; past it the call raises `TimeoutError`."""
     max_retries: int | None = Field(default=None, ge=0)
     """Accepted for compatibility with hosted chat models; a local model has no
     transient network errors to retry, so it is not used. Use `.with_retry()`."""
     streaming: bool = False
     """Accepted for compatibility; every call streams internally already."""
-    logprobs: bool | None = None
-    """Return each token's log-probability in `response_metadata["logprobs"]`
-    (OpenAI's shape: `{"content": [{"token", "logprob", "bytes",
-    "top_logprobs"}, ...]}`), on invoke and on every stream chunk."""
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    """With `logprobs`, also the N likeliest tokens at each position (0-20)."""
 
     model_config = ConfigDict(
         extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True
@@ -283,12 +254,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         return {"model": self.model, **self._field_settings()}
 
     def _field_settings(self) -> dict[str, Any]:
-        names = (
-            "temperature", "max_tokens", "top_p", "top_k", "min_p", "seed", "stop",
-            "repetition_penalty", "repetition_context_size", "timeout",
-            "logprobs", "top_logprobs",
-        )  # fmt: skip
-        values = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        values = self.sampling_overrides()
         self._pipeline.default_settings.with_overrides(values)  # validates
         return values
 
@@ -355,14 +321,7 @@ class ChatMLX(BaseChatModel, EngineFields):
     def _render(
         self, tokenizer: Any, messages: list[BaseMessage], plan: CallPlan
     ) -> list[int]:
-        return render_prompt(
-            tokenizer,
-            messages,
-            system_message=self.system_message,
-            tools=plan.template_tools,
-            system_suffix=plan.system_instructions,
-            calls_as_text=not template_renders_tools(tokenizer),
-        )
+        return render_call(tokenizer, messages, plan, self.system_message)
 
     def _run(
         self,
@@ -376,7 +335,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         turn.append(assembler)
         yield from read(
             engine.submit(request),
-            functools.partial(_generation_chunk, assembler),
+            functools.partial(generation_chunk, assembler),
             run_manager.on_llm_new_token if run_manager else None,
         )
 
@@ -398,7 +357,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         try:
             async for chunk in aread(
                 handle,
-                functools.partial(_generation_chunk, assembler),
+                functools.partial(generation_chunk, assembler),
                 run_manager.on_llm_new_token if run_manager else None,
             ):
                 yield chunk
@@ -583,17 +542,7 @@ class ChatMLX(BaseChatModel, EngineFields):
         return with_raw(llm, parser) if include_raw else llm | parser
 
     def _check_plan(self, plan: CallPlan) -> None:
-        """Fail at bind time for tools or a schema the model cannot take.
-
-        Too large for the context window, or a grammar the compiler cannot enforce.
-        """
-        probe = self._render(self.tokenizer, [HumanMessage("hi")], plan)
-        self._pipeline.engine.check_fits(len(probe), 1)
-        self._check_grammar(plan.grammar, plan.grammar_what)
-
-    def _check_grammar(self, grammar: str | None, what: str) -> None:
-        if grammar is not None:
-            ConstraintCompiler.for_tokenizer(self.tokenizer).check(grammar, what)
+        check_plan(plan, self.tokenizer, self._pipeline.engine, self.system_message)
 
     # -- prefix KV cache on disk ------------------------------------------------
 
@@ -641,10 +590,3 @@ class ChatMLX(BaseChatModel, EngineFields):
         formatted = format_tools(tools) if tools else None
         plan = plan_call(self.tokenizer, formatted, None, None, None)
         return len(self._render(self.tokenizer, messages, plan))
-
-
-def _generation_chunk(
-    assembler: ChunkAssembler, event: Segment | Final
-) -> ChatGenerationChunk | None:
-    message = assembler.chunk(event)
-    return None if message is None else ChatGenerationChunk(message=message)

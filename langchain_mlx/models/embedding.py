@@ -34,7 +34,6 @@ from typing import Any
 from langchain_mlx.engine.encoder import (
     EmbeddingModelConfig,
     Pooling,
-    bert_weight_shapes,
 )
 from langchain_mlx.engine.types import ModelLoadError
 from langchain_mlx.models.loading import PATH_PREFIXES
@@ -60,7 +59,6 @@ __all__ = [
     "prepare_embedding_model",
     "read_embedding_folder",
     "resolve_embedding_model",
-    "write_tiny_bert",
 ]
 
 # Bump when the unpacking changes: folders built by an older one are rebuilt.
@@ -80,7 +78,7 @@ MODEL_FILES = (
     "1_Pooling/config.json",
 )
 _HUB_PATTERNS = ["*.json", "model.safetensors", "vocab.txt"]
-_POOLING_KEYS: dict[str, Pooling] = {
+POOLING_KEYS: dict[str, Pooling] = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -478,16 +476,16 @@ def _pooling(file: Path, where: str) -> Pooling:
         raise ModelLoadError(msg)
     mode = config.get("pooling_mode")
     chosen = (
-        [_POOLING_KEYS.get(f"pooling_mode_{mode}_tokens", mode)]
+        [POOLING_KEYS.get(f"pooling_mode_{mode}_tokens", mode)]
         if isinstance(mode, str)
-        else [value for key, value in _POOLING_KEYS.items() if config.get(key)]
+        else [value for key, value in POOLING_KEYS.items() if config.get(key)]
     )
     others = [
         k
         for k, v in config.items()
-        if k.startswith("pooling_mode_") and v is True and k not in _POOLING_KEYS
+        if k.startswith("pooling_mode_") and v is True and k not in POOLING_KEYS
     ]
-    modes: dict[str, Pooling] = {mode: mode for mode in _POOLING_KEYS.values()}
+    modes: dict[str, Pooling] = {mode: mode for mode in POOLING_KEYS.values()}
     if len(chosen) != 1 or others or chosen[0] not in modes:
         asked = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
         msg = (
@@ -497,111 +495,3 @@ def _pooling(file: Path, where: str) -> Pooling:
         )
         raise ModelLoadError(msg)
     return modes[chosen[0]]
-
-
-# ------------------------------------------------------------------ a tiny model
-
-_TINY_WORDS = (
-    "the a an of to and in is it that for on with as was at by be this are from "
-    "or have not but what all were when we there can your which their if do will "
-    "each about how up out them then she many some so these would other into has "
-    "more her two like him see time could no make than first been its who now "
-    "people my made over did down only way find use may water long little very "
-    "after words called just where most know cat dog sun moon paris france capital "
-    "city river python code model text vector search apple banana car road rain "
-    "snow music song book read write fast slow hot cold"
-)
-
-
-def write_tiny_bert(
-    folder: Path,
-    *,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    pooling: Pooling = "mean",
-    normalize: bool = True,
-    max_seq_length: int = 64,
-    seed: int = 0,
-) -> Path:
-    """Write a random-weight BERT sentence-transformers folder into ``folder``.
-
-    Its WordPiece tokenizer (lowercasing, ``[CLS] … [SEP]``) knows ASCII
-    letters, digits, punctuation and a few hundred common words, so any text
-    tokenizes; ``pooling`` and ``normalize`` go into ``1_Pooling/config.json``
-    and ``modules.json``. Loads in well under a second: the fixture for fast
-    tests. Needs no mlx. Returns ``folder``.
-    """
-    import numpy as np
-    from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    vocab_list = [*specials, *chars, *(f"##{c}" for c in chars), *_TINY_WORDS.split()]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tokenizer.decoder = decoders.WordPiece()
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-    positions = max(max_seq_length, 16)
-    inner = 4 * hidden_size
-    config = {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "vocab_size": len(vocab),
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "intermediate_size": inner,
-        "hidden_act": "gelu",
-        "max_position_embeddings": positions,
-        "type_vocab_size": 2,
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"do_lower_case": True, "model_max_length": positions})
-    )
-    (folder / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
-    )
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps(
-            {
-                "word_embedding_dimension": hidden_size,
-                **{key: mode == pooling for key, mode in _POOLING_KEYS.items()},
-            },
-            indent=2,
-        )
-    )
-    rng = np.random.default_rng(seed)
-    (folder / "model.safetensors").write_bytes(b"")  # read_embedding_folder wants it
-    shapes = bert_weight_shapes(read_embedding_folder(folder))
-    tensors = {
-        key: (1.0 if key.endswith("LayerNorm.weight") else 0.0)
-        + rng.normal(0.0, 0.1 if "LayerNorm" in key else 0.2, shape).astype(np.float32)
-        for key, shape in shapes.items()
-    }
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    kinds = ["Transformer", "Pooling", *(["Normalize"] if normalize else [])]
-    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize"}
-    modules = [
-        {"idx": i, "name": str(i), "path": paths[kind],
-         "type": f"sentence_transformers.models.{kind}"}
-        for i, kind in enumerate(kinds)
-    ]  # fmt: skip
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    return folder

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from langchain_mlx.embeddings import MLXEmbeddings
 from langchain_mlx.engine.types import ModelLoadError
 from langchain_mlx.models import embedding as prep
-from langchain_mlx.models.embedding import write_tiny_bert
 from langchain_mlx.models.prepare import MARKER_FILE, ModelPreparationError
+from langchain_mlx.models.tiny import write_tiny_bert
 from tests.integration_tests.test_embeddings_minilm import NumpyBert, cosines
 
 TEXTS = [

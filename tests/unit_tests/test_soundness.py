@@ -512,7 +512,9 @@ def test_invoke_and_a_merged_stream_agree(tiny_model_path: str, answer: str) -> 
     ]
     assert len(streamed.invalid_tool_calls) == len(invoked.invalid_tool_calls)
     if invoked.tool_calls:
-        assert streamed.content == "Sure."  # the fence (and its newline) went with the call
+        assert (
+            streamed.content == "Sure."
+        )  # the fence (and its newline) went with the call
     else:
         assert invoked.invalid_tool_calls[0]["name"] == "add"
         assert "max_tokens" in str(invoked.invalid_tool_calls[0]["error"])
