@@ -19,12 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Whitespace between JSON tokens: none, one space, or one newline with an
-# indent of up to 12 spaces. So the model may write JSON the way it learned to
-# (compact `{"a": 1}` as chat templates print it, or pretty-printed), but cannot
-# wander in whitespace. A fixed `", "` separator forbade Qwen's `",\n` token:
-# in json_mode greedy Qwen2.5-Coder then never closed its first string and
-# repeated itself to max_tokens.
+# How JSON is laid out. Where the schema names the keys (tool calls, structured
+# output) the layout is fixed to the one chat templates print tool calls in
+# (`{"name": "f", "arguments": {"a": 1}}`): then everything between two values
+# (`", "age": `) is forced, and the engine feeds it without a decode step per
+# token (fast-forward). JSON mode (any object: the model picks keys and layout)
+# keeps flexible whitespace: none, one space, or a newline with up to 12
+# spaces. A fixed separator there forbade Qwen's `",\n` token and greedy
+# Qwen2.5-Coder then never closed its first string.
+COMPACT_JSON: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": True,
     "whitespace_pattern": r"(?:\n {0,12}| )",
@@ -62,8 +69,9 @@ class ToolCallFormat:
 
 
 def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
+    layout = JSON_OPTIONS if schema == {"type": "object"} else COMPACT_JSON
     schema = close_objects(schema)
-    return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+    return {**schema, "x-guidance": {**layout, **schema.get("x-guidance", {})}}
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
@@ -236,9 +244,11 @@ def _unsupported(what: str, error: str) -> UnsupportedSchemaError:
 class GrammarLogitsProcessor:
     """mlx-lm logits processor `(tokens, logits) -> logits` enforcing a grammar.
 
-    The first call sees the prompt; every later call sees exactly one new
-    sampled token at `tokens[-1]`, which is fed to the matcher before the next
-    mask is computed.
+    The first call sees the prompt; every later call sees the prompt and the
+    tokens generated since. The matcher consumes the generated tokens it has
+    not seen yet (one per call in a batch; several after a speculative step,
+    which also calls `sync` itself), so the state follows the sequence however
+    it is decoded.
     """
 
     def __init__(
@@ -254,7 +264,8 @@ class GrammarLogitsProcessor:
             raise _unsupported(what, self._matcher.get_error())
         self._n_vocab = int(lltokenizer.vocab_size)
         self._bitmask = allocate_token_bitmask(1, self._n_vocab)
-        self._started = False
+        self._base: int | None = None  # prompt length, at the first call
+        self._consumed = 0  # generated tokens fed to the matcher
         self.mask_seconds = 0.0
         """Total time spent computing masks (for the benchmark)."""
         self.steps = 0
@@ -271,7 +282,30 @@ class GrammarLogitsProcessor:
         it, so `last_token` is already consumed here.
         """
         del last_token
-        return self._started and bool(self._matcher.is_accepting())
+        return self._base is not None and bool(self._matcher.is_accepting())
+
+    def sync(self, tokens: Sequence[int]) -> None:
+        """Feed the matcher what `tokens` (prompt + output) adds to what it saw."""
+        if self._base is None:
+            self._base = len(tokens)
+            return
+        self._consume(list(tokens[self._base + self._consumed :]))
+
+    def _consume(self, new: list[int]) -> None:
+        if new and not self._matcher.consume_tokens(new):
+            msg = f"constrained decoding failed: {self._matcher.get_error()}"
+            raise ConstraintViolationError(msg)
+        self._consumed += len(new)
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar allows as the only continuation (fast-forward)."""
+        if self._matcher.is_stopped():
+            return []
+        return [int(t) for t in self._matcher.compute_ff_tokens()]
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` the grammar accepts next, in order."""
+        return int(self._matcher.validate_tokens(list(tokens))) if tokens else 0
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import time
@@ -279,12 +313,11 @@ class GrammarLogitsProcessor:
         import mlx.core as mx
         from llguidance.numpy import fill_next_token_bitmask
 
-        if self._started:
-            last = int(tokens[-1].item())
-            if not self._matcher.consume_token(last):
-                msg = f"constrained decoding failed: {self._matcher.get_error()}"
-                raise ConstraintViolationError(msg)
-        self._started = True
+        n = int(tokens.shape[-1])
+        if self._base is None:
+            self._base = n
+        elif n > self._base + self._consumed:
+            self._consume(tokens[self._base + self._consumed :].tolist())
         tic = time.perf_counter()
         fill_next_token_bitmask(self._matcher, self._bitmask)
         allowed = self._np.unpackbits(

@@ -63,6 +63,11 @@ def response_metadata(final: Final, model_name: str) -> dict[str, Any]:
         "generation_tokens_per_second": round(final.generation_tps, 3),
         "time_to_first_token_seconds": round(final.time_to_first_token, 4),
         "peak_memory_gb": round(final.peak_memory_gb, 4),
+        # tokens a grammar forced (fed without a decode step each), drafted by
+        # speculative decoding, and drafted tokens the model confirmed
+        "forced_tokens": final.forced_tokens,
+        "drafted_tokens": final.drafted_tokens,
+        "accepted_tokens": final.accepted_tokens,
     }
 
 

@@ -100,6 +100,18 @@ class SamplingFields(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     """With `logprobs`, also the N likeliest tokens at each position (0-20)."""
 
+    fast_forward: bool | None = None
+    """Feed tokens a grammar forces (tool-call and JSON syntax, known keys) in
+    one forward pass instead of one decode step each (default on). Greedy
+    output is unchanged except that forced text is tokenized canonically."""
+    prompt_lookup: bool | None = None
+    """Speculative decoding from the prompt: draft the next tokens from n-gram
+    matches in the prompt and the output, verify them in one forward pass
+    (default on). Greedy output is identical; sampled output keeps the model's
+    distribution. Drafts shrink or stop where they are rejected."""
+    num_draft_tokens: int | None = Field(default=None, ge=0)
+    """Most tokens drafted per step (default 6; 0 turns speculation off)."""
+
     def sampling_overrides(self) -> dict[str, Any]:
         """The fields that are set, by `GenerationSettings` name."""
         names = SamplingFields.model_fields

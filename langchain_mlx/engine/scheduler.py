@@ -26,10 +26,12 @@ cache store that raises ends that request with its own error (typed errors of
 ours as they are, anything else as `RequestFailedError`); the batch goes on.
 Only a failure of the batch step itself fails every request in it.
 
-A lone request takes the same path: `BatchGenerator` at batch size 1 decodes as
-fast as `generate_step` (measured: benchmarks/results/stream.md), so there is
-no separate fast path to switch from. Models whose caches cannot be merged into
-a batch get `SerialGenerator`, the same interface one sequence at a time.
+A request that has the engine to itself is decoded by `speculative.Solo`
+instead (grammar fast-forward and speculative decoding feed several tokens per
+forward pass); when another request arrives it moves into the batch with its
+cache and decodes one token per step there. Models whose caches cannot be
+merged into a batch get `SerialGenerator`, the same interface one sequence at
+a time.
 
 Sampling (with per-request seeds) is in `sampling.py`.
 """
@@ -54,6 +56,12 @@ from langchain_mlx.engine.sampling import (
     Sampler,
     make_request_sampler,
     request_processors,
+)
+from langchain_mlx.engine.speculative import (
+    DraftModel,
+    Solo,
+    SpeculationStats,
+    StepCosts,
 )
 from langchain_mlx.engine.text import RequestText
 from langchain_mlx.engine.types import (
@@ -93,6 +101,7 @@ class _Live:
     error: BaseException | None = None
     text: RequestText | None = None
     last_token: int | None = None
+    stats: SpeculationStats | None = None  # while decoded alone
 
     @property
     def deadline(self) -> float | None:
@@ -113,6 +122,7 @@ class Scheduler:
         on_done: Callable[[str], None],
         max_batch_size: int,
         batched: bool | None = None,
+        draft_model: Any = None,
     ) -> None:
         from mlx_lm.generate import StopSequences
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
@@ -141,6 +151,11 @@ class Scheduler:
         self._prefill_chunk = 16  # until the first prefill step is measured
         self._rate: float | None = None
         self._progress: dict[int, int] = {}
+        self._solo: Solo | None = None
+        self._solo_uids = -1  # solo uids count down: never a batch uid
+        self._costs = StepCosts()
+        self.draft_model = draft_model
+        """A small model with the same tokenizer that drafts tokens, or None."""
 
     @property
     def busy(self) -> bool:
@@ -171,6 +186,9 @@ class Scheduler:
         """Admit, sweep, advance the batch by one step, deliver events."""
         self._admit()
         self._sweep()
+        if self._solo is not None:
+            self._step_solo(self._solo)
+            return
         if not self._live and not self._jobs:
             return
         generator = self._ensure_generator()
@@ -223,6 +241,7 @@ class Scheduler:
         self._jobs.clear()
         self._providers.clear()
         self._progress.clear()
+        self._solo = None
         self.release()
 
     def release(self) -> None:
@@ -255,6 +274,22 @@ class Scheduler:
         return self._generator
 
     def _admit(self) -> None:
+        if self._solo is not None and self._waiting:
+            self._solo_to_batch(self._solo)  # company: one token per step for all
+        if (
+            self._solo is None
+            and len(self._waiting) == 1
+            and not self._live
+            and not self._jobs
+            and self._solo_pays(self._waiting[0].request)
+        ):
+            live = self._waiting.popleft()
+            try:
+                self._start_solo(live)
+            except Exception as e:  # a bad request fails alone
+                logger.debug("could not start a request", exc_info=True)
+                self._end(live, "error", error=e)
+            return
         limit = self._max_batch_size if self.batched else 1
         free = limit - len(self._live) - len(self._jobs)
         if self._share_prefixes and self._prefix.enabled:
@@ -359,6 +394,12 @@ class Scheduler:
             processors=processors,
             sampler=_guarded_sampler(make_request_sampler(settings), live),
         )
+        self._track(live, uid, cached)
+
+    def _track(self, live: _Live, uid: int, cached: int) -> None:
+        """A request is in: its text pipeline, counters and place in `_live`."""
+        request = live.request
+        settings = request.settings
         live.uid = uid
         live.cached = cached
         live.admitted = time.perf_counter()
@@ -370,6 +411,91 @@ class Scheduler:
         )
         self._live[uid] = live
         self.largest_batch = max(self.largest_batch, len(self._live))
+
+    # -- a request alone -------------------------------------------------------
+
+    def _solo_pays(self, request: Request) -> bool:
+        """Whether decoding `request` alone can skip work (forced or drafted tokens)."""
+        s = request.settings
+        drafts = s.num_draft_tokens > 0 and (
+            s.prompt_lookup or self.draft_model is not None
+        )
+        forced = s.fast_forward and request.constraint is not None
+        return drafts or forced
+
+    def _start_solo(self, live: _Live) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        request = live.request
+        settings = request.settings
+        prompt = list(request.prompt_ids)
+        cache, cached = self._prefix.fetch(prompt)
+        uid = self._solo_uids
+        self._solo_uids -= 1
+        solo = Solo(
+            self._model,
+            uid=uid,
+            prompt=prompt,
+            cache=cache if cache is not None else make_prompt_cache(self._model),
+            cached=cached,
+            max_tokens=settings.max_tokens,
+            sampler=_guarded_sampler(make_request_sampler(settings), live),
+            processors=[
+                _guarded(p, live) for p in request_processors(settings, request)
+            ],
+            stop_sequences=self._eos_stops,
+            constraint=request.constraint,
+            fast_forward=settings.fast_forward,
+            lookup=settings.prompt_lookup,
+            num_draft_tokens=settings.num_draft_tokens,
+            draft_model=(
+                DraftModel(self.draft_model) if self.draft_model is not None else None
+            ),
+            costs=self._costs,
+            logprobs=settings.logprobs,
+        )
+        live.stats = solo.stats
+        self._track(live, uid, cached)
+        self._solo = solo
+
+    def _step_solo(self, solo: Solo) -> None:
+        live = self._live[solo.uid]
+        tic = time.perf_counter()
+        try:
+            prompt_responses, responses = solo.next(self._prefill_chunk)
+        except Exception as e:  # e.g. a model failure: this request only
+            logger.debug("a solo step failed", exc_info=True)
+            self._solo = None
+            del self._live[solo.uid]
+            self._end(live, "error", error=_request_error("decoding", e))
+            return
+        self._measure_prefill(prompt_responses, time.perf_counter() - tic)
+        if any(p.end_of_prompt for p in prompt_responses):
+            live.decoding = True
+        to_remove: list[_Live] = []
+        for r in responses:
+            if solo.uid not in self._live or to_remove:
+                break  # finished (e.g. a stop string) within this step
+            self._on_token(live, r, to_remove)
+        if solo.uid not in self._live:
+            self._solo = None
+        self._remove(to_remove)
+
+    def _solo_to_batch(self, solo: Solo) -> None:
+        """Move the lone request into the batch: its cache and what is not in it."""
+        self._solo = None
+        live = self._live.pop(solo.uid)
+        (uid,) = self._ensure_generator().insert(
+            [solo.rest],
+            max_tokens=[solo.remaining],
+            caches=[solo.cache],
+            all_tokens=[solo.tokens],
+            samplers=[solo.sampler],
+            logits_processors=[solo.processors],
+            stop_sequences=[self._eos_stops],
+        )
+        live.uid = uid
+        self._live[uid] = live
 
     def _sweep(self) -> None:
         """Drop requests whose reader left or whose time is up."""
@@ -456,9 +582,17 @@ class Scheduler:
         """Take live requests out of the batch and finish them."""
         if not lives:
             return
-        uids = [live.uid for live in lives]
+        solo = self._solo
+        uids = [live.uid for live in lives if solo is None or live.uid != solo.uid]
         try:
-            caches = self._ensure_generator().remove(uids, return_prompt_caches=True)
+            caches = (
+                self._ensure_generator().remove(uids, return_prompt_caches=True)
+                if uids
+                else {}
+            )
+            if solo is not None and len(uids) < len(lives):
+                caches[solo.uid] = (solo.cache, solo.tokens)
+                self._solo = None
         except Exception as e:  # they would decode on, unseen: start afresh
             logger.warning("could not take requests out of the batch", exc_info=True)
             self.fail_all(_request_error("taking requests out of the batch", e))
@@ -513,6 +647,9 @@ class Scheduler:
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             cached_tokens=live.cached,
             constrained=live.request.constraint is not None,
+            forced_tokens=live.stats.forced if live.stats else 0,
+            drafted_tokens=live.stats.drafted if live.stats else 0,
+            accepted_tokens=live.stats.accepted if live.stats else 0,
         )
 
 

@@ -84,6 +84,15 @@ class GenerationSettings:
     """Report the log-probability of every returned token."""
     top_logprobs: int = 0
     """With `logprobs`, also the N most likely alternatives at each position."""
+    fast_forward: bool = True
+    """Feed the tokens a grammar forces in one forward pass, not one step each."""
+    prompt_lookup: bool = True
+    """Draft the next tokens from n-gram matches in the prompt and the output
+    (speculative decoding; a draft model, when the engine has one, drafts
+    where no match is found)."""
+    num_draft_tokens: int = 6
+    """Most tokens drafted per step (0: no speculative decoding); the engine
+    drafts fewer where its measured costs and acceptance say so."""
 
     def with_overrides(self, overrides: Any) -> GenerationSettings:
         """Return a copy with `overrides` applied (names already canonical)."""
@@ -102,6 +111,7 @@ class GenerationSettings:
             "min_tokens_to_keep",
             "repetition_context_size",
             "top_logprobs",
+            "num_draft_tokens",
         ):
             _require_int(name, getattr(self, name))
         if self.seed is not None:
@@ -118,9 +128,16 @@ class GenerationSettings:
         for name in ("repetition_penalty", "timeout"):
             if getattr(self, name) is not None:
                 _require_number(name, getattr(self, name))
-        if not isinstance(self.logprobs, bool):
-            msg = f"logprobs must be True or False, got {self.logprobs!r}"
-            raise TypeError(msg)
+        for name in ("logprobs", "fast_forward", "prompt_lookup"):
+            if not isinstance(getattr(self, name), bool):
+                msg = f"{name} must be True or False, got {getattr(self, name)!r}"
+                raise TypeError(msg)
+        if self.num_draft_tokens < 0:
+            msg = (
+                "num_draft_tokens must be >= 0 (0 turns speculative decoding "
+                f"off), got {self.num_draft_tokens!r}"
+            )
+            raise ValueError(msg)
         if self.min_tokens_to_keep < 1 or self.repetition_context_size < 1:
             msg = (
                 "min_tokens_to_keep and repetition_context_size must be >= 1, got "
@@ -239,6 +256,15 @@ class Constraint(Protocol):
     def complete_after(self, last_token: int) -> bool:
         """Whether the output, ending with `last_token`, is a complete sentence."""
 
+    def sync(self, tokens: Sequence[int]) -> None:
+        """Catch up with `tokens` (the prompt, then everything generated)."""
+
+    def forced_tokens(self) -> list[int]:
+        """The continuation the grammar allows alone (empty: a choice is open)."""
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` the grammar would accept next, in order."""
+
 
 @dataclass(frozen=True)
 class TextRules:
@@ -327,6 +353,12 @@ class Final:
     cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
     constrained: bool = False
     """The output followed a grammar; with finish "length" it is incomplete."""
+    forced_tokens: int = 0
+    """Output tokens the grammar forced, fed without a decode step each."""
+    drafted_tokens: int = 0
+    """Tokens proposed by speculative decoding (prompt lookup or draft model)."""
+    accepted_tokens: int = 0
+    """Drafted tokens the model confirmed (each saved a decode step)."""
 
 
 Event = Segment | Final

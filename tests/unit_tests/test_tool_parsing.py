@@ -111,6 +111,9 @@ class FakeFinal:
     peak_memory_gb: float = 0.1
     cached_tokens: int = 0
     constrained: bool = False
+    forced_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def routed(pieces: list[str], rules: TextRules | None = None) -> list[Segment]:

@@ -1,0 +1,381 @@
+"""One request with the engine to itself: grammar fast-forward and speculation.
+
+A local agent mostly sends one request at a time. While a request is alone,
+the scheduler decodes it here instead of in mlx-lm's `BatchGenerator`, so a
+step can feed the model several tokens at once:
+
+    [pending] + forced + draft
+
+- `pending` is the token sampled last (decided, not yet in the KV cache);
+- `forced` are the tokens the request's grammar allows as the only
+  continuation (llguidance's `compute_ff_tokens`: `{"name": "`, the rest of a
+  tool name, `", "arguments": {"`, closing braces): taken as they are, like a
+  prefill, instead of one decode step each. llguidance tokenizes forced text
+  canonically, so greedy output can differ from token-by-token decoding only
+  where the model would have spelt the same text with other tokens;
+- `draft` are guessed next tokens: the continuation of the latest earlier
+  occurrence of the output's last n-gram in the prompt or the output
+  (prompt lookup), else the greedy continuation of a small draft model. A
+  grammar first cuts the draft to what it accepts (`validate_tokens`).
+
+One forward pass returns logits at every position; the request's processors
+and sampler run on each in turn. A drafted token is kept while it equals the
+token sampled there; the first mismatch is replaced by the sampled token (the
+"bonus"), so every step decides at least one token and the rest of the draft
+is trimmed from the KV cache. Drafts are deterministic (a lookup, or the draft
+model's argmax), so "sample, then compare" is the standard acceptance rule:
+greedy output is identical to plain decoding and sampled output keeps the
+model's distribution.
+
+How much to draft is decided per step from measurements, not fixed: the step
+time for each number of fed tokens (`StepCosts`, per engine: on a CPU a
+forward pass over 4 tokens costs twice one over 1; on a GPU nearly the same)
+and the request's recent acceptance rate. The draft length that maximises
+expected tokens per second wins, and 0 (no draft) when drafts do not pay, so
+text that copies nothing is decoded as before.
+
+When a second request arrives the scheduler moves this one into the batch
+(its cache, the tokens not yet in it, its remaining budget) and both decode
+one token per step there: verifying drafts of different lengths in one batched
+forward pass would need per-sequence cache trimming that mlx-lm's batch caches
+do not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_mlx.engine.types import Constraint, LogitsProcessor
+
+NGRAM_SIZES = (3, 2)  # longest first: a longer match predicts better
+PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # a first draft is tried
+DECAY = 0.8  # weight of the acceptance history per step
+
+
+@dataclass
+class SpeculationStats:
+    """Per request: tokens forced by the grammar, drafted, and accepted."""
+
+    forced: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+class StepCosts:
+    """Measured seconds of a decode step by the number of tokens it feeds."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[str, int], float] = {}
+
+    def record(self, source: str, n: int, seconds: float) -> None:
+        """Note a step of `n` fed tokens with drafts from `source` ("": none)."""
+        key = (source, n)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def estimate(self, source: str, n: int) -> float | None:
+        """Seconds for a step of `n` fed tokens, measured or guessed.
+
+        A size just past the largest measured one is guessed optimistically,
+        so it gets tried once; larger ones are not guessed.
+        """
+        known = self._seconds.get((source, n)) or self._seconds.get(("", n))
+        if known is not None:
+            return known
+        sizes = sorted(m for s, m in self._seconds if s in (source, "") and m < n)
+        if not sizes or n > sizes[-1] + 1:
+            return None
+        base = self.estimate(source, sizes[-1])
+        one = self.estimate("", 1) or base
+        return None if base is None or one is None else base + 0.1 * one
+
+    def best_draft(self, source: str, forced: int, limit: int, p: float) -> int:
+        """The draft length with the most expected tokens per second."""
+        base = self.estimate("", 1 + forced)
+        if base is None:
+            return 0
+        best, best_rate = 0, (forced + 1) / base
+        for k in range(1, limit + 1):
+            cost = self.estimate(source, 1 + forced + k)
+            if cost is None:
+                break
+            expected = forced + (1 - p ** (k + 1)) / (1 - p) if p < 1 else k + 1
+            if expected / cost > best_rate:
+                best, best_rate = k, expected / cost
+        return best
+
+
+class PromptLookup:
+    """Drafts: what followed the latest earlier occurrence of the last n-gram."""
+
+    def __init__(self) -> None:
+        self._index: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in NGRAM_SIZES
+        }
+        self._indexed = 0  # positions below this are in the index
+
+    def draft(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to `k` tokens predicted to follow `history`."""
+        end = len(history)
+        # index the n-grams that end before position i, for every new i
+        for i in range(max(self._indexed, min(NGRAM_SIZES)), end):
+            for n, index in self._index.items():
+                if i >= n:
+                    index[tuple(history[i - n : i])] = i
+        self._indexed = max(self._indexed, end)
+        if k <= 0:
+            return []
+        for n, index in self._index.items():
+            if end < n:
+                continue
+            at = index.get(tuple(history[end - n :]))
+            if at is not None and at < end:
+                return list(history[at : at + k])
+        return []
+
+
+class DraftModel:
+    """Greedy drafts from a small model with the same tokenizer (its own cache)."""
+
+    def __init__(self, model: Any) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self._model = model
+        self._cache = make_prompt_cache(model)
+        self._tokens: list[int] = []  # what its cache holds
+
+    def draft(self, history: Sequence[int], k: int) -> list[int]:
+        """`k` greedy tokens after `history` (its cache follows `history`)."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        if k <= 0:
+            return []
+        same = 0
+        limit = min(len(self._tokens), len(history) - 1)
+        while same < limit and self._tokens[same] == history[same]:
+            same += 1
+        if same < len(self._tokens):
+            trim_prompt_cache(self._cache, len(self._tokens) - same)
+            del self._tokens[same:]
+        feed = list(history[same:])
+        while len(feed) > 512:  # a long new prompt: in chunks
+            self._model(mx.array(feed[:512])[None], cache=self._cache)
+            mx.eval([c.state for c in self._cache])
+            self._tokens += feed[:512]
+            feed = feed[512:]
+        out: list[int] = []
+        for _ in range(k):
+            logits = self._model(mx.array(feed)[None], cache=self._cache)
+            self._tokens += feed
+            token = int(mx.argmax(logits[0, -1]).item())  # type: ignore[arg-type]
+            out.append(token)
+            feed = [token]
+        return out
+
+
+def _records() -> tuple[Any, Any]:
+    """mlx-lm's prompt and generation response types (what the scheduler reads)."""
+    from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+
+    return PromptProcessingBatch.Response, GenerationBatch.Response
+
+
+class Solo:
+    """One sequence: chunked prefill, then fast-forwarded / speculative steps.
+
+    Speaks the scheduler's language: `next()` returns mlx-lm's prompt and
+    generation response records (several tokens per step at most once each).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        uid: int,
+        prompt: Sequence[int],
+        cache: list[Any],
+        cached: int,
+        max_tokens: int,
+        sampler: Any,
+        processors: Sequence[LogitsProcessor],
+        stop_sequences: Any,
+        constraint: Constraint | None,
+        fast_forward: bool,
+        lookup: bool,
+        num_draft_tokens: int,
+        draft_model: DraftModel | None,
+        costs: StepCosts,
+        logprobs: bool,
+    ) -> None:
+        self.model = model
+        self.uid = uid
+        self.cache = cache
+        self.tokens = list(prompt[:cached])
+        """What `cache` holds."""
+        self.rest = list(prompt[cached:])
+        """Decided tokens not yet in the cache (the last one is fed next)."""
+        self.history = list(prompt)
+        """Prompt and output so far (`tokens` + `rest`)."""
+        self.total = len(prompt)
+        self.max_tokens = max_tokens
+        self.generated = 0
+        self.sampler = sampler
+        self.processors = list(processors)
+        self._stops = stop_sequences.matcher()
+        self._constraint = constraint if fast_forward else None
+        self._grammar = constraint
+        self._lookup = PromptLookup() if lookup and num_draft_tokens else None
+        self._draft_model = draft_model if num_draft_tokens else None
+        self._max_draft = num_draft_tokens
+        self._costs = costs
+        self._logprobs = logprobs
+        self._accepted = PRIOR_ACCEPTED
+        self._rejected = PRIOR_REJECTED
+        self.stats = SpeculationStats()
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.max_tokens - self.generated
+
+    def next(self, prefill_step: int) -> tuple[list[Any], list[Any]]:
+        """One prefill chunk, or one decode step (one or more tokens)."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        with mx.stream(generation_stream):
+            if len(self.rest) > 1:
+                return self._prefill(prefill_step), []
+            return self._decode()
+
+    def _prefill(self, step: int) -> list[Any]:
+        import mlx.core as mx
+
+        prompt_response, _ = _records()
+        chunk = self.rest[: min(step, len(self.rest) - 1)]
+        self.model(mx.array(chunk)[None], cache=self.cache)
+        mx.eval([c.state for c in self.cache])
+        self.tokens += chunk
+        del self.rest[: len(chunk)]
+        done = self.total - len(self.rest)
+        return [prompt_response(self.uid, (done, self.total), False, False)]
+
+    def _decode(self) -> tuple[list[Any], list[Any]]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        prompt_response, response = _records()
+        starting = self.generated == 0
+        tic = time.perf_counter()
+        forced = self._forced()
+        draft, source = self._draft(forced)
+        pending = self.rest[0]
+        fed = [pending, *forced, *draft]
+        logits = self.model(mx.array(fed)[None], cache=self.cache)[0]
+        decided = list(forced)
+        rows: list[Any] = [self._one_hot(t, logits.shape[-1]) for t in forced]
+        context = [*self.history, *forced]
+        for i in range(len(draft) + 1):
+            row = logits[len(forced) + i][None]
+            if self.processors:
+                tokens = mx.array(context)
+                for processor in self.processors:
+                    row = processor(tokens, row)
+            logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
+            token = int(self.sampler(logprobs).item())
+            decided.append(token)
+            rows.append(logprobs[0] if self._logprobs else None)
+            if i == len(draft) or token != draft[i]:
+                break
+            context.append(token)
+        accepted = len(decided) - len(forced) - 1
+        rejected = len(draft) - accepted
+        if rejected:
+            trim_prompt_cache(self.cache, rejected)
+        self.tokens += fed[: len(fed) - rejected]
+        self._learn(len(draft), accepted)
+        self._costs.record(source, len(fed), time.perf_counter() - tic)
+        self.stats.forced += len(forced)
+        self.stats.drafted += len(draft)
+        self.stats.accepted += accepted
+
+        out: list[Any] = []
+        if starting:
+            out_prompt = [prompt_response(self.uid, (self.total,) * 2, True, True)]
+        else:
+            out_prompt = []
+        for token, row in zip(decided, rows, strict=True):
+            self.generated += 1
+            self.history.append(token)
+            finish = "length" if self.generated >= self.max_tokens else None
+            if self._stops.advance(token):
+                finish = "stop"
+            done = finish is not None
+            out.append(
+                response(
+                    self.uid, token, row, finish,
+                    self.cache if done else None, self.tokens if done else None,
+                )
+            )  # fmt: skip
+            if done:
+                break
+        self.rest = [decided[-1]] if len(out) == len(decided) else []
+        if out[-1].finish_reason is not None and self._grammar is not None:
+            with contextlib.suppress(Exception):  # the scheduler asks it if complete
+                self._grammar.sync(self.history)
+        return out_prompt, out
+
+    def _forced(self) -> list[int]:
+        """Grammar-forced tokens after the pending one (within the budget)."""
+        if self._constraint is None:
+            return []
+        self._constraint.sync(self.history)
+        forced = self._constraint.forced_tokens()
+        return forced[: max(self.remaining - 1, 0)]
+
+    def _draft(self, forced: list[int]) -> tuple[list[int], str]:
+        """A draft worth verifying (maybe empty) and where it came from."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        room = min(self._max_draft, self.remaining - 1 - len(forced))
+        if room <= 0 or not can_trim_prompt_cache(self.cache):
+            return [], ""  # a rejected draft could not be taken back
+        history = [*self.history, *forced]
+        draft, source = [], ""
+        if self._lookup is not None:
+            draft, source = self._lookup.draft(history, room), "lookup"
+        if not draft and self._draft_model is not None:
+            source = "model"
+            p = self._acceptance()
+            k = self._costs.best_draft(source, len(forced), room, p)
+            k = k or (1 if self._costs.estimate(source, 2 + len(forced)) is None else 0)
+            draft = self._draft_model.draft(history, k)
+        if draft and self._grammar is not None:
+            self._grammar.sync(history)
+            draft = draft[: self._grammar.valid_prefix(draft)]
+        if not draft:
+            return [], ""
+        k = self._costs.best_draft(source, len(forced), len(draft), self._acceptance())
+        return draft[:k], (source if k else "")
+
+    def _acceptance(self) -> float:
+        return self._accepted / (self._accepted + self._rejected)
+
+    def _learn(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        self._accepted = DECAY * self._accepted + accepted
+        self._rejected = DECAY * self._rejected + (accepted < drafted)
+
+    def _one_hot(self, token: int, width: int) -> Any:
+        """Log-probabilities of a forced token: the grammar left no choice."""
+        if not self._logprobs:
+            return None
+        import mlx.core as mx
+
+        return mx.where(mx.arange(width) == token, 0.0, -float("inf"))
