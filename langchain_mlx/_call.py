@@ -38,7 +38,9 @@ def request_for(
     constraint = None
     if plan.grammar is not None:
         compiler = ConstraintCompiler.for_tokenizer(tokenizer)
-        constraint = compiler.processor(plan.grammar, plan.grammar_what)
+        constraint = compiler.processor(
+            plan.grammar, plan.grammar_what, lazy=plan.grammar_lazy
+        )
     forced_call = plan.call_required
     assembler = ChunkAssembler(
         model_name,

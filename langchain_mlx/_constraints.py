@@ -14,6 +14,7 @@ engine's thread.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,14 +117,9 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
 def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """JSON schema of one call `{"name": ..., "arguments": {...}}` to any of `tools`."""
     variants = []
-    from langchain_core.utils.json_schema import dereference_refs
-
     for tool in tools:
         fn = tool["function"]
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        # nested under "arguments", "#/$defs/..." would no longer resolve
-        params = dereference_refs(params) if "$defs" in json.dumps(params) else params
-        params = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
+        params = _parameters(fn)
         variants.append(
             {
                 "type": "object",
@@ -170,6 +166,56 @@ def tool_or_answer_grammar(
         f"start: call{repeat}{bare} | answer\n{_call_rules(tools, fmt)}"
         f"answer: %json {answer}\n"
     )
+
+
+def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> str:
+    """Free text in which every tool call that starts is a valid call (auto mode).
+
+    The model writes what it likes until it starts a call: for every family
+    the bare JSON start `{"name": "`, and the family's start marker if it has
+    one. From there the rest must be a call of a bound tool with arguments in
+    its schema (llguidance's lazy lexemes: the text before a call is matched
+    shortest-first, so the first trigger starts the call), after which free
+    text may follow again. The final text cannot contain a trigger, so a call
+    cannot be slipped past the grammar as text.
+    """
+    bare = r'\{ *"name" *: *"'
+    triggers = [bare]
+    rules = [f"bare_hd[lazy]: /(?s:.*){bare}/"]
+    rests = []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        name = json.dumps(fn["name"])[1:]  # the name and its closing quote
+        args = json.dumps(_with_options(_parameters(fn)))
+        rests.append(f"rest{i}")
+        rules.append(f'rest{i}: {json.dumps(name)} ", \\"arguments\\": " args{i} "}}"')
+        rules.append(f"args{i}: %json {args}")
+    calls = ["bare_hd bare_rest"]
+    rules.append(f"bare_rest: {' | '.join(rests)}")
+    if fmt.tagged:
+        start = fmt.start_lark or json.dumps(fmt.start)
+        end = fmt.end_lark or json.dumps(fmt.end)
+        if fmt.start_lark is None:  # a text marker: it must not hide in text
+            triggers.append(re.escape(str(fmt.start)))
+        calls.append(f"TEXT {start} json_call {end}")
+        schema = json.dumps(_with_options(tool_call_schema(tools)))
+        rules.append(f"json_call: %json {schema}")
+    banned = "|".join(triggers)
+    return (
+        f"start: call* TEXT\ncall: {' | '.join(calls)}\n"
+        + "\n".join(rules)
+        + f"\nTEXT: /(?s:.*)/ & ~/(?s:.*)({banned})(?s:.*)/\n"
+    )
+
+
+def _parameters(fn: dict[str, Any]) -> dict[str, Any]:
+    """A tool's argument schema, self-contained (no `$defs` references)."""
+    from langchain_core.utils.json_schema import dereference_refs
+
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    # nested under "arguments", "#/$defs/..." would no longer resolve
+    params = dereference_refs(params) if "$defs" in json.dumps(params) else params
+    return {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
 
 
 def _call_rules(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> str:
@@ -228,9 +274,11 @@ class ConstraintCompiler:
         if error and not error.startswith("WARNING"):
             raise _unsupported(what, error)
 
-    def processor(self, grammar: str, what: str) -> GrammarLogitsProcessor:
+    def processor(
+        self, grammar: str, what: str, *, lazy: bool = False
+    ) -> GrammarLogitsProcessor:
         """A fresh, single-use logits processor for one generation."""
-        return GrammarLogitsProcessor(self.lltokenizer, grammar, what)
+        return GrammarLogitsProcessor(self.lltokenizer, grammar, what, lazy=lazy)
 
 
 def _unsupported(what: str, error: str) -> UnsupportedSchemaError:
@@ -252,7 +300,12 @@ class GrammarLogitsProcessor:
     """
 
     def __init__(
-        self, lltokenizer: Any, grammar: str, what: str = "the grammar"
+        self,
+        lltokenizer: Any,
+        grammar: str,
+        what: str = "the grammar",
+        *,
+        lazy: bool = False,
     ) -> None:
         import numpy as np
         from llguidance import LLMatcher
@@ -264,6 +317,7 @@ class GrammarLogitsProcessor:
             raise _unsupported(what, self._matcher.get_error())
         self._n_vocab = int(lltokenizer.vocab_size)
         self._bitmask = allocate_token_bitmask(1, self._n_vocab)
+        self._lazy = lazy  # free text around what it constrains
         self._base: int | None = None  # prompt length, at the first call
         self._consumed = 0  # generated tokens fed to the matcher
         self.mask_seconds = 0.0
@@ -282,6 +336,8 @@ class GrammarLogitsProcessor:
         it, so `last_token` is already consumed here.
         """
         del last_token
+        if self._lazy:  # free text can always go on: ending at a limit is a cut
+            return False
         return self._base is not None and bool(self._matcher.is_accepting())
 
     def sync(self, tokens: Sequence[int]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from langchain_mlx._constraints import (
     ToolCallFormat,
+    auto_call_grammar,
     json_schema_grammar,
     tool_call_grammar,
     tool_or_answer_grammar,
@@ -278,6 +279,9 @@ class CallPlan:
     """What decoding is constrained to, if anything."""
     grammar_what: str
     """Human words for the grammar, for error messages."""
+    grammar_lazy: bool
+    """The grammar leaves free text open (auto-mode calls): output that ends
+    at `max_tokens` is cut even where the grammar could stop."""
     parse_tools: bool
     """Whether generated text is searched for tool calls."""
     call_required: bool
@@ -410,8 +414,13 @@ def plan_call(
     tool_choice: Any,
     parallel_tool_calls: bool | None,
     response_format: Any,
+    strict: bool | None = None,
 ) -> CallPlan:
-    """Decide rendering, constraint and parsing for one call."""
+    """Decide rendering, constraint and parsing for one call.
+
+    `strict` (default on) constrains auto-mode calls too: free text, but a call
+    that starts must be a valid call of a bound tool.
+    """
     tools = list(tools or [])
     names = [t["function"]["name"] for t in tools]
     choice = normalize_tool_choice(tool_choice, names) if tools else None
@@ -424,6 +433,7 @@ def plan_call(
     template_tools = None
     grammar = None
     what = ""
+    lazy = False
     active = bool(tools) and choice != "none"
     if active:
         if facts.renders_tools:
@@ -439,10 +449,19 @@ def plan_call(
             )
             grammar = tool_call_grammar(chosen, fmt, parallel=bool(parallel_tool_calls))
             what = f"a call to {', '.join(t['function']['name'] for t in chosen)}"
+        elif (
+            strict is not False
+            and response_format is None
+            and (parser_name is None or parser_name in FORMATS_WE_CAN_FORCE)
+            and not getattr(tokenizer, "has_thinking", False)  # its markers: free
+        ):
+            grammar = auto_call_grammar(tools, fmt)
+            what = "text with calls to the bound tools"
+            lazy = True
     if isinstance(response_format, dict) and response_format.get("type") == "text":
         response_format = None  # OpenAI's explicit "no format"
     if response_format is not None:
-        if grammar is not None:
+        if grammar is not None and not lazy:
             msg = "use either a forced tool call or response_format, not both"
             raise ValueError(msg)
         answer_schema, what, text = _response_schema(response_format)
@@ -467,6 +486,7 @@ def plan_call(
         system_instructions="\n\n".join(instructions) or None,
         grammar=grammar,
         grammar_what=what,
+        grammar_lazy=lazy,
         parse_tools=active,
         call_required=active and choice is not None,
         tool_names=frozenset(names),

@@ -302,6 +302,7 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
             kwargs.pop("tool_choice", None),
             kwargs.pop("parallel_tool_calls", None),
             kwargs.pop("response_format", None),
+            kwargs.pop("strict", None),
         )
         per_call: dict[str, Any] = {}
         for legacy in ("pipeline_kwargs", "model_kwargs"):  # community names
@@ -476,8 +477,12 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         `"any"`/`"required"`/`True` (some call), a tool name or
         `{"type": "function", "function": {"name": ...}}`. Whenever a call is
         required, decoding is constrained to the model's tool-call format and
-        the tool's argument schema, so the call is valid by construction
-        (`strict` is accepted: such calls are always strict).
+        the tool's argument schema, so the call is valid by construction.
+        Under `"auto"` the model writes free text, but once it starts a call
+        (its family's call marker, or `{"name": "`) the rest is constrained to
+        a valid call of a bound tool: no malformed JSON, unknown tool or
+        invented argument; `strict=False` turns that off (free text
+        throughout, calls parsed afterwards).
         `parallel_tool_calls=True` lets a forced turn hold several calls.
 
         Raises:
@@ -488,13 +493,14 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
                 object; `tool_choice` names no bound tool.
 
         """
-        del strict  # forced calls are always grammar-constrained
         formatted = format_tools(tools)  # TypeError/ValueError naming the bad tool
         # Fail now, not at the first call: bad tool_choice, uncompilable schemas.
         plan = plan_call(
-            self.tokenizer, formatted, tool_choice, parallel_tool_calls, None
+            self.tokenizer, formatted, tool_choice, parallel_tool_calls, None, strict
         )
         self._check_plan(plan)
+        if strict is not None:
+            kwargs["strict"] = strict
         return self.bind(
             tools=formatted,
             tool_choice=tool_choice,
