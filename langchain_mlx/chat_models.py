@@ -213,6 +213,7 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         if self.llm is None:
             self.llm = MLXPipeline.from_model_id(
                 DEFAULT_MODEL if self.model is None else self.model,
+                draft_model=self.draft_model,
                 **self._engine_options(),
             )
         elif self.model is not None and self.model != self.llm.model_id:
@@ -227,6 +228,8 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
             self.tokenizer = self.llm.tokenizer
         self._field_settings()  # fail at construction, not at the first call
         self._pipeline.engine.require_options(self._engine_options())
+        if self.draft_model is not None and self.llm.draft_model is None:
+            self._pipeline.use_draft_model(self.draft_model)  # a pipeline as llm=
         if self.profile is None:  # core's validator ran before the model loaded
             self.profile = self._resolve_model_profile()
         return self

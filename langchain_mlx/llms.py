@@ -57,6 +57,12 @@ class EngineFields(BaseModel):
     (default 10; 0: off). Reused tokens show as `cache_read` in token usage."""
     prefix_cache_bytes: int | None = Field(default=None, ge=0)
     """Byte budget of those caches (default 2 GiB); least recently used go first."""
+    draft_model: str | None = None
+    """A small model with the same tokenizer (prepared name, folder or hub id)
+    that drafts tokens for speculative decoding, as `mlx_lm.server
+    --draft-model`: used where prompt lookup finds nothing to draft. Greedy
+    output is unchanged; whether it pays depends on how often the big model
+    agrees with it (the engine measures and drafts less where it does not)."""
 
     def _engine_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ENGINE_OPTION_NAMES}
@@ -155,8 +161,16 @@ class MLXPipeline(LLM, EngineFields):
                 options=self._engine_options(),
             )
             self.tokenizer = self._engine.tokenizer
+        if self.draft_model is not None:
+            self.use_draft_model(self.draft_model)
         self._engine.attach(self)
         return self
+
+    def use_draft_model(self, model: str) -> None:
+        """Draft with `model` (prepared name, folder or hub id); see `draft_model`."""
+        path = resolve_model(model)
+        self._engine.use_draft_model(str(path), functools.partial(load_model, path))
+        self.draft_model = model
 
     @classmethod
     def from_model_id(

@@ -307,6 +307,38 @@ class Engine:
             updated.validate()
             self._options = updated
 
+    def use_draft_model(self, path: str, loader: Loader) -> None:
+        """Draft tokens with a small model of the same tokenizer (speculation).
+
+        Loaded once by `loader`; the engine is shared, so asking for another
+        draft model once one is in use raises `ValueError`.
+        """
+        key = _canonical(path)
+        with self._lock:
+            if self._draft_key == key:
+                return
+            if self._draft_key is not None:
+                msg = (
+                    f"the MLX engine for {self.name!r} already drafts with "
+                    f"{self._draft_key!r}; it is shared by every object that uses "
+                    "this model, so it cannot switch to another draft model"
+                )
+                raise ValueError(msg)
+            model, tokenizer = loader()
+            ours, theirs = self.tokenizer.vocab_size, tokenizer.vocab_size
+            if ours != theirs:
+                msg = (
+                    f"draft model {path!r} has a vocabulary of {theirs} tokens, the "
+                    f"model {self.name!r} {ours}: a draft model must use the same "
+                    "tokenizer (pick one from the same family)"
+                )
+                raise ValueError(msg)
+            self._draft_key = key
+            self._draft = model
+
+    _draft_key: str | None = None
+    _draft: Any = None
+
     # -- requests ---------------------------------------------------------------
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -532,6 +564,7 @@ class Engine:
     def _apply_options(self, scheduler: Scheduler) -> None:
         """Bring the scheduler and prefix cache in line with `configure()`."""
         options = self._options
+        scheduler.draft_model = self._draft
         if options is not self._applied:
             self._applied = options
             scheduler.max_batch_size = options.max_batch_size

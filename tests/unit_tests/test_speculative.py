@@ -1,0 +1,293 @@
+"""Grammar fast-forward and speculative decoding give the output decoding gives.
+
+On the tiny random-weight model (SmolLM2's tokenizer): its greedy output
+repeats itself, so prompt lookup drafts from the output and most drafts are
+accepted; grammars force JSON syntax and tool names. Every test compares with
+the same request decoded one token per step (`OFF`) and checks the counters
+show the technique actually ran.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from langchain_mlx import ChatMLX
+from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.types import EngineOptions, Final, Request, Segment
+from langchain_mlx.engine.worker import Engine
+
+OFF: dict[str, Any] = {
+    "fast_forward": False,
+    "prompt_lookup": False,
+    "num_draft_tokens": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model_path: str) -> ChatMLX:
+    return ChatMLX(model=tiny_model_path, temperature=0.0, max_tokens=48)
+
+
+def counters(message: Any) -> tuple[int, int, int]:
+    md = message.response_metadata
+    return md["forced_tokens"], md["drafted_tokens"], md["accepted_tokens"]
+
+
+def test_prompt_lookup_greedy_output_is_unchanged(chat: ChatMLX) -> None:
+    prompt = "Repeat: the cat sat on the mat, the cat sat on the mat, the cat sat."
+    plain = chat.invoke(prompt, **OFF)
+    fast = chat.invoke(prompt)
+    assert fast.content == plain.content
+    assert counters(plain) == (0, 0, 0)
+    forced, drafted, accepted = counters(fast)
+    assert forced == 0 and drafted > 0 and 0 < accepted <= drafted
+    assert fast.usage_metadata is not None and plain.usage_metadata is not None
+    assert fast.usage_metadata["output_tokens"] == plain.usage_metadata["output_tokens"]
+
+
+def test_seeded_sampling_is_unchanged_by_speculation(chat: ChatMLX) -> None:
+    # sample, then compare with the draft: the same draws in the same order
+    kwargs: dict[str, Any] = {"temperature": 0.7, "seed": 5}
+    plain = chat.invoke("Write something.", **kwargs, **OFF)
+    fast = chat.invoke("Write something.", **kwargs)
+    assert fast.content == plain.content
+
+
+def test_streamed_speculative_output_equals_invoke(chat: ChatMLX) -> None:
+    prompt = "Say it again and again."
+    chunks = list(chat.stream(prompt))
+    assert "".join(str(c.content) for c in chunks) == chat.invoke(prompt).content
+    assert len([c for c in chunks if c.content]) > 1  # still streamed in pieces
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    city: str
+
+
+def test_structured_output_fast_forward_is_unchanged(chat: ChatMLX) -> None:
+    plain = ChatMLX(llm=chat.llm, temperature=0.0, max_tokens=48, **OFF)
+    slow = plain.with_structured_output(Person, include_raw=True).invoke("Someone.")
+    fast = chat.with_structured_output(Person, include_raw=True).invoke("Someone.")
+    assert fast["raw"].content == slow["raw"].content
+    forced, _, _ = counters(fast["raw"])
+    assert forced >= 3  # at least `{"name": "`
+    assert counters(slow["raw"])[0] == 0
+
+
+def get_weather(city: str, unit: str = "celsius") -> str:
+    """Get the current weather in a city."""
+    return f"sunny in {city}"
+
+
+def test_forced_tool_call_fast_forward_is_unchanged(chat: ChatMLX) -> None:
+    plain = ChatMLX(llm=chat.llm, temperature=0.0, max_tokens=48, **OFF)
+    slow = plain.bind_tools([get_weather], tool_choice="get_weather").invoke("Hi")
+    fast = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Hi")
+    assert fast.tool_calls == slow.tool_calls or (
+        [c["args"] for c in fast.tool_calls] == [c["args"] for c in slow.tool_calls]
+    )
+    assert fast.content == slow.content
+    # the name is forced once `{"name": "` is: one tool
+    assert counters(fast)[0] >= 5
+
+
+def test_draft_model_greedy_output_is_unchanged(tiny_model_path: str) -> None:
+    # The tiny model drafting for itself: drafts the target would pick anyway.
+    chat = ChatMLX(
+        model=tiny_model_path,
+        temperature=0.0,
+        max_tokens=32,
+        prompt_lookup=False,
+        draft_model=tiny_model_path,
+    )
+    fast = chat.invoke("Tell me a story.")
+    plain = chat.invoke("Tell me a story.", num_draft_tokens=0)
+    assert fast.content == plain.content
+    _, drafted, accepted = counters(fast)
+    assert drafted > 0 and accepted > 0
+
+
+def test_another_draft_model_for_a_running_engine_is_refused(
+    tiny_model_path: str, other_tiny_model_path: str
+) -> None:
+    ChatMLX(model=tiny_model_path, draft_model=tiny_model_path)
+    with pytest.raises(ValueError, match="already drafts with"):
+        ChatMLX(model=tiny_model_path, draft_model=other_tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path: str) -> Iterator[Engine]:
+    from mlx_lm import load
+
+    model, tokenizer = load(tiny_model_path)
+    with Engine(model, tokenizer, name="tiny-solo", options=EngineOptions()) as e:
+        yield e
+
+
+def run(engine: Engine, prompt: list[int], **overrides: Any) -> tuple[str, Final]:
+    settings = GenerationSettings(**{"max_tokens": 40, **overrides})
+    text, final = "", None
+    for event in engine.submit(Request(prompt, settings)):
+        if isinstance(event, Segment):
+            text += event.text
+        else:
+            final = event
+    assert final is not None
+    return text, final
+
+
+def pausing(at: int, reached: threading.Event, go: threading.Event) -> Callable:  # type: ignore[type-arg]
+    """A logits processor that holds the worker at its `at`-th call."""
+    calls = [0]
+
+    def processor(tokens: Any, logits: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == at:
+            reached.set()
+            go.wait(30)
+        return logits
+
+    return processor
+
+
+def test_a_lone_request_joins_the_batch_when_another_arrives(engine: Engine) -> None:
+    tokenizer = engine.tokenizer
+    a = tokenizer.encode("First prompt, repeated: one two one two one two")
+    b = tokenizer.encode("Second, different prompt")
+    alone_a, _ = run(engine, a)
+    alone_b, _ = run(engine, b)
+    reached, go = threading.Event(), threading.Event()
+    hold = pausing(5, reached, go)
+    settings = GenerationSettings(max_tokens=40)
+    first = engine.submit(Request(a, settings, logits_processors=[hold]))
+    assert reached.wait(30)  # A decodes alone (speculating) and is held mid-way
+    second = engine.submit(Request(b, settings))
+    go.set()  # B is queued: the worker moves A into the batch, then admits B
+    texts = []
+    finals = []
+    for handle in (first, second):
+        text = ""
+        for event in handle:
+            if isinstance(event, Segment):
+                text += event.text
+            else:
+                finals.append(event)
+        texts.append(text)
+    assert texts == [alone_a, alone_b]
+    assert engine.largest_batch >= 2
+    assert finals[0].generation_tokens == 40
+
+
+def test_finish_reason_and_budget_hold_with_drafts(engine: Engine) -> None:
+    prompt = engine.tokenizer.encode("one two one two one two one two")
+    for n in (1, 2, 3, 7):
+        text, final = run(engine, prompt, max_tokens=n)
+        plain, _ = run(engine, prompt, max_tokens=n, **OFF)
+        assert final.generation_tokens == n
+        assert text == plain
+        assert final.finish_reason == "length"
+
+
+# -- auto-mode tool calls: free text, but a started call is a valid call -------
+
+
+def get_time(timezone: str) -> str:
+    """The time in a timezone."""
+    return "noon"
+
+
+def auto_constraint(tokenizer: Any) -> Any:
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from langchain_mlx._constraints import (
+        ConstraintCompiler,
+        ToolCallFormat,
+        auto_call_grammar,
+    )
+
+    tools = [convert_to_openai_tool(get_weather), convert_to_openai_tool(get_time)]
+    grammar = auto_call_grammar(tools, ToolCallFormat())
+    compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+    return compiler.processor(grammar, "auto calls", lazy=True)
+
+
+def test_auto_grammar_accepts_text_and_valid_calls_only(engine: Engine) -> None:
+    from llguidance import LLMatcher
+
+    tokenizer = engine.tokenizer
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from langchain_mlx._constraints import (
+        ConstraintCompiler,
+        ToolCallFormat,
+        auto_call_grammar,
+    )
+
+    tools = [convert_to_openai_tool(get_weather), convert_to_openai_tool(get_time)]
+    text = auto_call_grammar(tools, ToolCallFormat())
+    compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+
+    def accepts(output: str) -> bool:
+        matcher = LLMatcher(compiler.lltokenizer, text)
+        ids = tokenizer.encode(output, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    assert accepts('Just text, even {braces} and JSON {"a": 1}.')
+    assert accepts('Sure. {"name": "get_time", "arguments": {"timezone": "UTC"}}')
+    assert accepts('{"name": "get_weather", "arguments": {"city": "Paris"}} then text')
+    assert not accepts('{"name": "get_stock", "arguments": {}}')  # unknown tool
+    assert not accepts('{"name": "get_time", "arguments": {"tz": "UTC"}}')  # key
+    assert not accepts('{"name": "get_time", "arguments": {"timezone": 3}}')  # type
+    assert not accepts('{"name": "get_time", "arguments": {"timezone": "UTC"')  # cut
+
+
+def test_auto_calls_are_valid_whatever_the_model_writes(engine: Engine) -> None:
+    """A random-weight model pushed into starting a call always finishes it validly."""
+    import json
+
+    import mlx.core as mx
+
+    tokenizer = engine.tokenizer
+    trigger = tokenizer.encode('{"name": "', add_special_tokens=False)
+    (quote,) = tokenizer.encode('"', add_special_tokens=False)
+    prompt = tokenizer.encode("Use a tool.")
+
+    def start_a_call(tokens: Any, logits: Any) -> Any:
+        at = int(tokens.shape[-1]) - len(prompt)
+        ids = mx.arange(logits.shape[-1])
+        if at < len(trigger):  # the model "chooses" to start a call
+            return logits + 100.0 * (ids == trigger[at])
+        if at > len(trigger) + 6:  # and to end its strings (random text does not)
+            return logits + 30.0 * (ids == quote)
+        return logits
+
+    for seed in range(4):
+        constraint = auto_constraint(tokenizer)
+        settings = GenerationSettings(max_tokens=120, temperature=1.0, seed=seed)
+        request = Request(
+            prompt, settings, logits_processors=[start_a_call], constraint=constraint
+        )
+        text = "".join(e.text for e in engine.submit(request) if isinstance(e, Segment))
+        call, end = json.JSONDecoder().raw_decode(text)
+        assert call["name"] in ("get_weather", "get_time"), text
+        fields = {"get_weather": {"city", "unit"}, "get_time": {"timezone"}}
+        assert set(call["arguments"]) <= fields[call["name"]], text
+        assert all(isinstance(v, str) for v in call["arguments"].values())
+        assert end <= len(text)
+
+
+def test_bind_tools_auto_is_constrained_unless_not_strict(chat: ChatMLX) -> None:
+    from langchain_mlx._tools import format_tools, plan_call
+
+    tools = format_tools([get_weather])
+    assert plan_call(chat.tokenizer, tools, None, None, None).grammar_lazy
+    assert plan_call(chat.tokenizer, tools, None, None, None, False).grammar is None
+    bound = chat.bind_tools([get_weather], strict=False)
+    assert bound.invoke("Hi").response_metadata["forced_tokens"] == 0  # type: ignore[union-attr]
