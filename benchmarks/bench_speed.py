@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.messages import HumanMessage
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._structured import output_parser, response_format_for, with_raw
@@ -70,7 +70,7 @@ class Person5(BaseModel):
     age: int
     city: str
     occupation: str
-    hobbies: list[str]
+    hobbies: list[str] = Field(max_length=3)  # SmolLM2 repeats list items forever
 
 
 def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:

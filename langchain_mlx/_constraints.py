@@ -348,6 +348,9 @@ class GrammarLogitsProcessor:
         self._consume(list(tokens[self._base + self._consumed :]))
 
     def _consume(self, new: list[int]) -> None:
+        if self._matcher.is_stopped():  # complete: what follows is past the end
+            self._consumed += len(new)  # (a batch feeds the EOS it sampled)
+            return
         if new and not self._matcher.consume_tokens(new):
             msg = f"constrained decoding failed: {self._matcher.get_error()}"
             raise ConstraintViolationError(msg)

@@ -291,3 +291,15 @@ def test_bind_tools_auto_is_constrained_unless_not_strict(chat: ChatMLX) -> None
     assert plan_call(chat.tokenizer, tools, None, None, None, False).grammar is None
     bound = chat.bind_tools([get_weather], strict=False)
     assert bound.invoke("Hi").response_metadata["forced_tokens"] == 0  # type: ignore[union-attr]
+
+
+def test_batched_structured_output_ends_at_its_grammar(chat: ChatMLX) -> None:
+    """A batch feeds its processors the EOS sampled after a complete grammar."""
+    from typing import Literal
+
+    class Choice(BaseModel):
+        answer: Literal["yes", "no"]
+
+    plain = ChatMLX(llm=chat.llm, temperature=1.0, max_tokens=24, **OFF)
+    results = plain.with_structured_output(Choice).batch(["A?", "B?", "C?"])
+    assert all(isinstance(r, Choice) for r in results)
