@@ -16,6 +16,7 @@ Flow, by function::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -56,6 +57,7 @@ from langchain_mlx._tools import (
     plan_call,
 )
 from langchain_mlx.engine.handle import aread, read
+from langchain_mlx.engine.prefix_cache import common_length
 from langchain_mlx.engine.types import Request
 from langchain_mlx.engine.worker import Engine
 from langchain_mlx.llms import EngineFields, MLXPipeline
@@ -320,6 +322,12 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         # fail in milliseconds, before compiling a grammar or queueing
         engine.check_fits(len(ids), settings.max_tokens)
         request, assembler = request_for(plan, tokenizer, ids, settings, model_name)
+        if len(messages) > 1 and engine.wants_checkpoints:
+            # where the last message starts: a retried or edited last step, or
+            # another branch from here, restarts from this cached point
+            before = self._render(tokenizer, messages[:-1], plan)
+            shared = common_length(before, ids, len(ids))
+            request = dataclasses.replace(request, checkpoints=(shared,))
         return engine, request, assembler
 
     def _render(

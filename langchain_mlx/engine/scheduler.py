@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -206,6 +207,8 @@ class Scheduler:
         for p in prompt_responses:
             if p.end_of_prompt and p.uid in self._live:
                 self._live[p.uid].decoding = True
+            elif p.end_of_segment and p.uid in self._live:
+                self._keep_checkpoint(p.uid)
             if p.end_of_prompt and p.uid in self._providers:
                 self._provide(p.uid)
         to_remove: list[_Live] = []
@@ -366,6 +369,7 @@ class Scheduler:
         max_tokens: int,
         processors: list[LogitsProcessor],
         sampler: Sampler | None = None,
+        checkpoints: Sequence[int] = (),
     ) -> tuple[int, int]:
         """Put a sequence in the batch from its longest cached prefix.
 
@@ -373,8 +377,14 @@ class Scheduler:
         """
         generator = self._ensure_generator()
         cache, cached = self._prefix.fetch(prompt)
-        (uid,) = generator.insert(
-            [prompt[cached:]],
+        cuts = [c for c in sorted(set(checkpoints)) if cached < c < len(prompt) - 1]
+        if not hasattr(generator, "insert_segments"):
+            cuts = []  # one sequence at a time: no segments
+        bounds = [cached, *cuts, len(prompt)]
+        segments = [prompt[a:b] for a, b in itertools.pairwise(bounds)]
+        insert = generator.insert_segments if cuts else generator.insert
+        (uid,) = insert(
+            [segments] if cuts else [prompt[cached:]],
             max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=[prompt[:cached]],
@@ -393,6 +403,7 @@ class Scheduler:
             max_tokens=settings.max_tokens,
             processors=processors,
             sampler=_guarded_sampler(make_request_sampler(settings), live),
+            checkpoints=request.checkpoints,
         )
         self._track(live, uid, cached)
 
@@ -445,6 +456,7 @@ class Scheduler:
             ],
             stop_sequences=self._eos_stops,
             constraint=request.constraint,
+            checkpoints=request.checkpoints,
             fast_forward=settings.fast_forward,
             lookup=settings.prompt_lookup,
             num_draft_tokens=settings.num_draft_tokens,
@@ -472,6 +484,8 @@ class Scheduler:
         self._measure_prefill(prompt_responses, time.perf_counter() - tic)
         if any(p.end_of_prompt for p in prompt_responses):
             live.decoding = True
+        if any(p.end_of_segment and not p.end_of_prompt for p in prompt_responses):
+            self._store(list(solo.tokens), solo.cache, kind="user")  # a checkpoint
         to_remove: list[_Live] = []
         for r in responses:
             if solo.uid not in self._live or to_remove:
@@ -569,12 +583,21 @@ class Scheduler:
             )
         return TokenLogprob("", chosen, (), alternatives)
 
-    def _store(self, tokens: Any, cache: Any) -> None:
-        """Keep a finished sequence's KV state; a failure here costs reuse only."""
+    def _keep_checkpoint(self, uid: int) -> None:
+        """A prompt reached one of its checkpoints: keep a copy of its KV state."""
+        try:
+            for cache, tokens in self._ensure_generator().extract_cache([uid]).values():
+                if len(tokens) in self._live[uid].request.checkpoints:
+                    self._store(list(tokens), cache, kind="user")
+        except Exception:  # costs reuse only
+            logger.warning("could not keep a checkpoint", exc_info=True)
+
+    def _store(self, tokens: Any, cache: Any, *, kind: str = "assistant") -> None:
+        """Keep a sequence's KV state; a failure here costs reuse only."""
         if tokens is None or cache is None:
             return
         try:
-            self._prefix.store(tokens, cache)
+            self._prefix.store(tokens, cache, kind=kind)
         except Exception:
             logger.warning("could not keep a KV cache for reuse", exc_info=True)
 

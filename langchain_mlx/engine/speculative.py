@@ -205,6 +205,7 @@ class Solo:
         processors: Sequence[LogitsProcessor],
         stop_sequences: Any,
         constraint: Constraint | None,
+        checkpoints: Sequence[int],
         fast_forward: bool,
         lookup: bool,
         num_draft_tokens: int,
@@ -227,6 +228,7 @@ class Solo:
         self.sampler = sampler
         self.processors = list(processors)
         self._stops = stop_sequences.matcher()
+        self._checkpoints = sorted(c for c in checkpoints if cached < c < self.total)
         self._constraint = constraint if fast_forward else None
         self._grammar = constraint
         self._lookup = PromptLookup() if lookup and num_draft_tokens else None
@@ -257,13 +259,19 @@ class Solo:
         import mlx.core as mx
 
         prompt_response, _ = _records()
-        chunk = self.rest[: min(step, len(self.rest) - 1)]
+        n = min(step, len(self.rest) - 1)
+        ahead = [
+            c - len(self.tokens) for c in self._checkpoints if c > len(self.tokens)
+        ]
+        n = min([n, *ahead])  # stop at a checkpoint: the scheduler keeps a copy
+        chunk = self.rest[:n]
         self.model(mx.array(chunk)[None], cache=self.cache)
         mx.eval([c.state for c in self.cache])
         self.tokens += chunk
         del self.rest[: len(chunk)]
         done = self.total - len(self.rest)
-        return [prompt_response(self.uid, (done, self.total), False, False)]
+        at_checkpoint = len(self.tokens) in self._checkpoints
+        return [prompt_response(self.uid, (done, self.total), at_checkpoint, False)]
 
     def _decode(self) -> tuple[list[Any], list[Any]]:
         import mlx.core as mx

@@ -297,6 +297,10 @@ class Request:
     constraint: Constraint | None = None
     """The grammar this request's output must follow (also a logits processor)."""
     text: TextRules = TextRules()
+    checkpoints: Sequence[int] = ()
+    """Prompt lengths (message boundaries) whose KV state is worth keeping on
+    its own, for models whose caches cannot be cut back to a shorter prefix:
+    a conversation that branches or retries its last step restarts there."""
 
 
 # -- events --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import queue
@@ -340,6 +341,19 @@ class Engine:
     _draft: Any = None
 
     # -- requests ---------------------------------------------------------------
+
+    @functools.cached_property
+    def wants_checkpoints(self) -> bool:
+        """Whether its caches cannot be cut back to a shorter prefix.
+
+        Then a prompt is reused only from a cached exact prefix, and requests
+        should name their message boundaries (`Request.checkpoints`).
+        """
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        if self.model is None:  # closed: submitting will say so
+            return False
+        return not can_trim_prompt_cache(make_prompt_cache(self.model))
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise `ContextWindowExceededError` unless prompt + max_tokens fit."""

@@ -252,3 +252,45 @@ def test_requests_sent_together_prefill_their_common_start_once(
     assert [text for text, _ in together] == alone
     # Each branch read the shared start from the cache: it was prefilled once.
     assert all(final.cached_tokens >= len(shared) for _, final in together)
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["solo", "batch-generator"])
+def test_untrimmable_caches_restart_from_the_last_message_boundary(
+    tiny_model_path: str, monkeypatch: pytest.MonkeyPatch, alone: bool
+) -> None:
+    """A retried last step reuses the history, though the cache cannot be cut.
+
+    Both prefill paths keep the checkpoint: a lone request decoded with
+    speculation on (`Solo`), and mlx-lm's batch generator (speculation off).
+    """
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from mlx_lm import load
+    from mlx_lm.models import cache
+
+    from langchain_mlx import ChatMLX, MLXPipeline
+
+    monkeypatch.setattr(cache.KVCache, "is_trimmable", lambda self: False)
+    model, tokenizer = load(tiny_model_path)  # its own engine
+    chat = ChatMLX(
+        llm=MLXPipeline(model=model, tokenizer=tokenizer, model_id="tiny-untrimmable"),
+        max_tokens=4,
+        temperature=0.0,
+        prompt_lookup=alone,
+        num_draft_tokens=6 if alone else 0,
+    )
+    assert chat.llm.engine.wants_checkpoints  # type: ignore[union-attr]
+    history = [
+        SystemMessage("You are terse. " * 10),
+        HumanMessage("First question, with some words in it."),
+        AIMessage("First answer."),
+    ]
+    shared = chat.get_num_tokens_from_messages(history)
+    chat.invoke([*history, HumanMessage("Second question?")])
+    retried = chat.invoke([*history, HumanMessage("Second question, reworded?")])
+    usage = retried.usage_metadata
+    assert usage is not None
+    cached = usage.get("input_token_details", {}).get("cache_read", 0)
+    assert shared - 8 <= cached <= shared + 8  # the history (template markers aside)
+    chat.llm.engine.clear_prefix_cache()  # type: ignore[union-attr]
+    cold = chat.invoke([*history, HumanMessage("Second question, reworded?")])
+    assert retried.content == cold.content
