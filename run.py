@@ -95,6 +95,8 @@ def main() -> int:
             "bench_agent_loop.py",
             "bench_concurrency.py",
             "bench_embeddings.py",
+            "bench_speed.py",
+            "bench_agent_tools.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")
