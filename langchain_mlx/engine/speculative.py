@@ -147,6 +147,8 @@ class DraftModel:
         self._model = model
         self._cache = make_prompt_cache(model)
         self._tokens: list[int] = []  # what its cache holds
+        self.caught_up = 0
+        """Tokens the last draft first had to read (a new prompt: many)."""
 
     def draft(self, history: Sequence[int], k: int) -> list[int]:
         """`k` greedy tokens after `history` (its cache follows `history`)."""
@@ -163,6 +165,7 @@ class DraftModel:
             trim_prompt_cache(self._cache, len(self._tokens) - same)
             del self._tokens[same:]
         feed = list(history[same:])
+        self.caught_up = len(feed)
         while len(feed) > 512:  # a long new prompt: in chunks
             self._model(mx.array(feed[:512])[None], cache=self._cache)
             mx.eval([c.state for c in self._cache])
@@ -307,7 +310,11 @@ class Solo:
             trim_prompt_cache(self.cache, rejected)
         self.tokens += fed[: len(fed) - rejected]
         self._learn(len(draft), accepted)
-        self._costs.record(source, len(fed), time.perf_counter() - tic)
+        if not (
+            source == "model" and self._draft_model and self._draft_model.caught_up > 8
+        ):
+            # (a draft model reading a whole new prompt is not a step's usual cost)
+            self._costs.record(source, len(fed), time.perf_counter() - tic)
         self.stats.forced += len(forced)
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
