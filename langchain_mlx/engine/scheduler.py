@@ -498,6 +498,7 @@ class Scheduler:
     def _solo_to_batch(self, solo: Solo) -> None:
         """Move the lone request into the batch: its cache and what is not in it."""
         self._solo = None
+        solo.settle()
         live = self._live.pop(solo.uid)
         (uid,) = self._ensure_generator().insert(
             [solo.rest],
@@ -614,6 +615,7 @@ class Scheduler:
                 else {}
             )
             if solo is not None and len(uids) < len(lives):
+                solo.settle()
                 caches[solo.uid] = (solo.cache, solo.tokens)
                 self._solo = None
         except Exception as e:  # they would decode on, unseen: start afresh

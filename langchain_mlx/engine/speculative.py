@@ -242,6 +242,8 @@ class Solo:
         self._accepted = PRIOR_ACCEPTED
         self._rejected = PRIOR_REJECTED
         self.stats = SpeculationStats()
+        self._plan: tuple[list[int], list[int], str] | None = None
+        self._prepared: tuple[Any, Any, float] | None = None
 
     @property
     def remaining(self) -> int:
@@ -277,14 +279,101 @@ class Solo:
         return [prompt_response(self.uid, (done, self.total), at_checkpoint, False)]
 
     def _decode(self) -> tuple[list[Any], list[Any]]:
+        prompt_response, response = _records()
+        starting = self.generated == 0
+        if self._prepared is not None:
+            decided, rows = self._take_prepared()
+        else:
+            decided, rows = self._verify()
+
+        out: list[Any] = []
+        if starting:
+            out_prompt = [prompt_response(self.uid, (self.total,) * 2, True, True)]
+        else:
+            out_prompt = []
+        for token, row in zip(decided, rows, strict=True):
+            self.generated += 1
+            self.history.append(token)
+            finish = "length" if self.generated >= self.max_tokens else None
+            if self._stops.advance(token):
+                finish = "stop"
+            done = finish is not None
+            out.append(
+                response(
+                    self.uid, token, row, finish,
+                    self.cache if done else None, self.tokens if done else None,
+                )
+            )  # fmt: skip
+            if done:
+                break
+        self.rest = [decided[-1]] if len(out) == len(decided) else []
+        if out[-1].finish_reason is not None:
+            if self._grammar is not None:
+                with contextlib.suppress(Exception):  # the scheduler asks: complete?
+                    self._grammar.sync(self.history)
+        else:
+            self._plan_next()
+        return out_prompt, out
+
+    def _plan_next(self) -> None:
+        """Decide the next step now; a plain one starts computing at once.
+
+        Like mlx-lm's decode loop, a step that feeds just the pending token is
+        launched before this step's tokens are delivered, so the model computes
+        while the scheduler detokenizes and hands tokens to the reader.
+        """
+        import mlx.core as mx
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        forced = self._forced()
+        draft, source = self._draft(forced)
+        if forced or draft or not can_trim_prompt_cache(self.cache):
+            self._plan = (forced, draft, source)
+            return
+        pending = self.rest[0]
+        logits = self.model(mx.array([pending])[None], cache=self.cache)[0]
+        row = logits[0][None]
+        if self.processors:
+            tokens = mx.array(self.history)
+            for processor in self.processors:
+                row = processor(tokens, row)
+        logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
+        sampled = self.sampler(logprobs)
+        mx.async_eval(sampled, logprobs)  # type: ignore[no-untyped-call]
+        self._prepared = (sampled, logprobs[0], time.perf_counter())
+
+    def _take_prepared(self) -> tuple[list[int], list[Any]]:
+        assert self._prepared is not None
+        sampled, row, launched = self._prepared
+        self._prepared = None
+        token = int(sampled.item())
+        self._costs.record("", 1, time.perf_counter() - launched)
+        self.tokens.append(self.rest[0])  # the pending token, fed by that step
+        return [token], [row if self._logprobs else None]
+
+    def settle(self) -> None:
+        """Undo a launched step (before the cache is handed elsewhere).
+
+        The cache then holds `tokens` again; the pending token stays pending.
+        """
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        if self._prepared is not None:
+            self._prepared = None
+            trim_prompt_cache(self.cache, 1)
+
+    def _verify(self) -> tuple[list[int], list[Any]]:
+        """Feed pending + forced + draft in one pass; keep what the model confirms."""
         import mlx.core as mx
         from mlx_lm.models.cache import trim_prompt_cache
 
-        prompt_response, response = _records()
-        starting = self.generated == 0
         tic = time.perf_counter()
-        forced = self._forced()
-        draft, source = self._draft(forced)
+        if self._plan is not None:
+            forced, draft, source = self._plan
+            self._plan = None
+        else:
+            forced = self._forced()
+            draft, source = self._draft(forced)
         pending = self.rest[0]
         fed = [pending, *forced, *draft]
         logits = self.model(mx.array(fed)[None], cache=self.cache)[0]
@@ -318,32 +407,7 @@ class Solo:
         self.stats.forced += len(forced)
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
-
-        out: list[Any] = []
-        if starting:
-            out_prompt = [prompt_response(self.uid, (self.total,) * 2, True, True)]
-        else:
-            out_prompt = []
-        for token, row in zip(decided, rows, strict=True):
-            self.generated += 1
-            self.history.append(token)
-            finish = "length" if self.generated >= self.max_tokens else None
-            if self._stops.advance(token):
-                finish = "stop"
-            done = finish is not None
-            out.append(
-                response(
-                    self.uid, token, row, finish,
-                    self.cache if done else None, self.tokens if done else None,
-                )
-            )  # fmt: skip
-            if done:
-                break
-        self.rest = [decided[-1]] if len(out) == len(decided) else []
-        if out[-1].finish_reason is not None and self._grammar is not None:
-            with contextlib.suppress(Exception):  # the scheduler asks it if complete
-                self._grammar.sync(self.history)
-        return out_prompt, out
+        return decided, rows
 
     def _forced(self) -> list[int]:
         """Grammar-forced tokens after the pending one (within the budget)."""
