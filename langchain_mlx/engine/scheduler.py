@@ -465,6 +465,7 @@ class Scheduler:
             ),
             costs=self._costs,
             logprobs=settings.logprobs,
+            pipelined=settings.temperature == 0 or settings.seed is None,
         )
         live.stats = solo.stats
         self._track(live, uid, cached)

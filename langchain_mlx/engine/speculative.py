@@ -215,6 +215,7 @@ class Solo:
         draft_model: DraftModel | None,
         costs: StepCosts,
         logprobs: bool,
+        pipelined: bool = True,
     ) -> None:
         self.model = model
         self.uid = uid
@@ -244,6 +245,9 @@ class Solo:
         self.stats = SpeculationStats()
         self._plan: tuple[list[int], list[int], str] | None = None
         self._prepared: tuple[Any, Any, float] | None = None
+        # a launched step that is undone has drawn from the sampler: only where
+        # no seed promises the same draws as decoding alone
+        self._pipelined = pipelined
 
     @property
     def remaining(self) -> int:
@@ -327,7 +331,12 @@ class Solo:
 
         forced = self._forced()
         draft, source = self._draft(forced)
-        if forced or draft or not can_trim_prompt_cache(self.cache):
+        if (
+            forced
+            or draft
+            or not self._pipelined
+            or not can_trim_prompt_cache(self.cache)
+        ):
             self._plan = (forced, draft, source)
             return
         pending = self.rest[0]
