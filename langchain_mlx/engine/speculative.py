@@ -51,9 +51,10 @@ from typing import Any
 
 from langchain_mlx.engine.types import Constraint, LogitsProcessor
 
-NGRAM_SIZES = (3, 2)  # longest first: a longer match predicts better
+NGRAM_SIZES = (4, 3)  # longest first; shorter matches in prose mostly miss
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # a first draft is tried
 DECAY = 0.8  # weight of the acceptance history per step
+EXPLORE_EVERY = 32  # steps with a lookup match but no draft before one is tried
 
 
 @dataclass
@@ -245,6 +246,10 @@ class Solo:
         self.stats = SpeculationStats()
         self._plan: tuple[list[int], list[int], str] | None = None
         self._prepared: tuple[Any, Any, float] | None = None
+        # a step's cost is the time between the ends of two steps: delivering
+        # tokens overlaps a launched step, not a verifying one
+        self._last_end: float | None = None
+        self._since_draft = 0  # steps since a draft was last verified
         # a launched step that is undone has drawn from the sampler: only where
         # no seed promises the same draws as decoding alone
         self._pipelined = pipelined
@@ -311,6 +316,7 @@ class Solo:
             if done:
                 break
         self.rest = [decided[-1]] if len(out) == len(decided) else []
+        self._last_end = time.perf_counter()
         if out[-1].finish_reason is not None:
             if self._grammar is not None:
                 with contextlib.suppress(Exception):  # the scheduler asks: complete?
@@ -356,7 +362,7 @@ class Solo:
         sampled, row, launched = self._prepared
         self._prepared = None
         token = int(sampled.item())
-        self._costs.record("", 1, time.perf_counter() - launched)
+        self._costs.record("", 1, time.perf_counter() - (self._last_end or launched))
         self.tokens.append(self.rest[0])  # the pending token, fed by that step
         return [token], [row if self._logprobs else None]
 
@@ -376,7 +382,7 @@ class Solo:
         import mlx.core as mx
         from mlx_lm.models.cache import trim_prompt_cache
 
-        tic = time.perf_counter()
+        tic = self._last_end or time.perf_counter()
         if self._plan is not None:
             forced, draft, source = self._plan
             self._plan = None
@@ -449,6 +455,11 @@ class Solo:
         if not draft:
             return [], ""
         k = self._costs.best_draft(source, len(forced), len(draft), self._acceptance())
+        self._since_draft += 1
+        if not k and self._since_draft >= EXPLORE_EVERY:
+            k = 1  # now and then: the text may have started to repeat
+        if k:
+            self._since_draft = 0
         return draft[:k], (source if k else "")
 
     def _acceptance(self) -> float:

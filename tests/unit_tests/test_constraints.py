@@ -206,3 +206,42 @@ def test_tools_with_a_response_format_allow_a_call_or_the_answer(
         matcher.consume_tokens(ids)
         ok = matcher.is_accepting()
     assert ok is allowed
+
+
+SCHEMAS: list[object] = [
+    Person,
+    Point,
+    {
+        "title": "Choice",
+        "type": "object",
+        "properties": {
+            "pick": {"enum": ["left", "right"]},
+            "n": {"type": "integer", "minimum": 1, "maximum": 3},
+        },
+        "required": ["pick", "n"],
+    },
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["Person", "Point", "Choice"])
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_fast_forward_greedy_output_equals_token_by_token(
+    chat: ChatMLX, schema: object, method: str
+) -> None:
+    """Grammar fast-forward and speculation leave greedy output as it was."""
+    off = ChatMLX(
+        llm=chat.llm, temperature=0.0, max_tokens=400, fast_forward=False,
+        prompt_lookup=False,
+    )  # fmt: skip
+    on = ChatMLX(llm=chat.llm, temperature=0.0, max_tokens=400)
+    outputs = [
+        m.with_structured_output(schema, method=method, include_raw=True).invoke(  # type: ignore[arg-type]
+            "Describe one."
+        )
+        for m in (off, on)
+    ]
+    assert outputs[0]["raw"].content == outputs[1]["raw"].content
+    calls = [[(c["name"], c["args"]) for c in o["raw"].tool_calls] for o in outputs]
+    assert calls[0] == calls[1]
+    assert outputs[0]["parsed"] == outputs[1]["parsed"]
+    assert outputs[1]["raw"].response_metadata["forced_tokens"] > 0
