@@ -179,7 +179,7 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     text may follow again. The final text cannot contain a trigger, so a call
     cannot be slipped past the grammar as text.
     """
-    bare = r'\{ *"name" *: *"'
+    bare = r'\{\s*"name"\s*:\s*"'  # as the model spaces it (Qwen: `{\n  "name"`)
     triggers = [bare]
     rules = [f"bare_hd[lazy]: /(?s:.*){bare}/"]
     rests = []

@@ -243,6 +243,15 @@ def test_auto_grammar_accepts_text_and_valid_calls_only(engine: Engine) -> None:
     assert accepts('Sure. {"name": "get_time", "arguments": {"timezone": "UTC"}}')
     assert accepts('{"name": "get_weather", "arguments": {"city": "Paris"}} then text')
     assert not accepts('{"name": "get_stock", "arguments": {}}')  # unknown tool
+
+    def rejects(output: str) -> bool:  # stops before the end, not just incomplete
+        matcher = LLMatcher(compiler.lltokenizer, text)
+        ids = tokenizer.encode(output, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids) < len(ids)
+
+    assert rejects('{\n  "name": "get_stock",\n  "arguments": {}\n}')  # spaced
+    assert rejects('```json\n{ "name" : "get_stock"')  # in a fence
+    assert not rejects('{\n  "name": "get_time", "arguments": {"timezone": "UTC"}}')
     assert not accepts('{"name": "get_time", "arguments": {"tz": "UTC"}}')  # key
     assert not accepts('{"name": "get_time", "arguments": {"timezone": 3}}')  # type
     assert not accepts('{"name": "get_time", "arguments": {"timezone": "UTC"')  # cut
