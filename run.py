@@ -97,6 +97,7 @@ def main() -> int:
             "bench_embeddings.py",
             "bench_speed.py",
             "bench_agent_tools.py",
+            "bench_tool_calls.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")
