@@ -186,6 +186,9 @@ def main() -> None:
             f"| {s['seconds']:.0f} s |\n"
             for mode, s in summary.items()
         )
+        + "\nWall time: on each task the strict mode runs first and prefills the "
+        "prompt; the other finds it in the prefix cache, so the times are not a "
+        "speed comparison.\n"
     )
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)
