@@ -8,6 +8,7 @@ reads the engine's events back into message chunks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from langchain_mlx._constraints import ConstraintCompiler
 from langchain_mlx._messages import render_prompt
 from langchain_mlx._output import ChunkAssembler
 from langchain_mlx._tools import CallPlan, template_renders_tools
+from langchain_mlx.engine.prefix_cache import common_length
 from langchain_mlx.engine.types import (
     Event,
     GenerationSettings,
@@ -126,3 +128,14 @@ def generation_chunk(
     """The LangChain chunk for one engine event, if any."""
     message = assembler.chunk(event)
     return None if message is None else ChatGenerationChunk(message=message)
+
+
+def with_last_message_checkpoint(request: Request, before: list[int]) -> Request:
+    """`request` with a checkpoint where its last message starts.
+
+    `before` is the prompt of the conversation without its last message: a
+    retried or edited last step, or another branch from there, restarts from
+    the KV state kept at that point.
+    """
+    shared = common_length(before, request.prompt_ids, len(request.prompt_ids))
+    return dataclasses.replace(request, checkpoints=(shared,))

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS",
     "GenerationSettings",
     "SamplingFields",
+    "call_settings",
     "canonical_settings",
 ]
 
@@ -68,6 +69,27 @@ def canonical_settings(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
             raise ValueError(msg)
         out[name] = value
     return out
+
+
+def call_settings(
+    defaults: GenerationSettings,
+    fields: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    stop: list[str] | None,
+) -> GenerationSettings:
+    """One call's settings: defaults, then the model's fields, then the call's.
+
+    `kwargs` may carry the community's `pipeline_kwargs` / `model_kwargs` dicts.
+    """
+    per_call: dict[str, Any] = {}
+    rest = dict(kwargs)
+    for legacy in ("pipeline_kwargs", "model_kwargs"):  # community names
+        per_call.update(rest.pop(legacy, None) or {})
+    per_call.update(rest)
+    settings = defaults.with_overrides(fields).with_overrides(
+        canonical_settings(per_call, where="ChatMLX call")
+    )
+    return settings if stop is None else settings.with_overrides({"stop": stop})
 
 
 class SamplingFields(BaseModel):

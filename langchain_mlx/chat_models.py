@@ -16,7 +16,6 @@ Flow, by function::
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -41,9 +40,15 @@ from pydantic import ConfigDict, Field, model_validator
 from typing_extensions import Self
 
 from langchain_mlx._batch import abatch_together, batch_together
-from langchain_mlx._call import check_plan, generation_chunk, render_call, request_for
+from langchain_mlx._call import (
+    check_plan,
+    generation_chunk,
+    render_call,
+    request_for,
+    with_last_message_checkpoint,
+)
 from langchain_mlx._output import ChunkAssembler
-from langchain_mlx._settings import SamplingFields, canonical_settings
+from langchain_mlx._settings import SamplingFields, call_settings
 from langchain_mlx._structured import (
     check_method,
     output_parser,
@@ -309,25 +314,16 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
             kwargs.pop("response_format", None),
             kwargs.pop("strict", None),
         )
-        per_call: dict[str, Any] = {}
-        for legacy in ("pipeline_kwargs", "model_kwargs"):  # community names
-            per_call.update(kwargs.pop(legacy, None) or {})
-        per_call.update(kwargs)
-        settings = self._pipeline.default_settings.with_overrides(
-            self._field_settings()
-        ).with_overrides(canonical_settings(per_call, where="ChatMLX call"))
-        if stop is not None:
-            settings = settings.with_overrides({"stop": stop})
+        settings = call_settings(
+            self._pipeline.default_settings, self._field_settings(), kwargs, stop
+        )
         ids = self._render(tokenizer, messages, plan)
         # fail in milliseconds, before compiling a grammar or queueing
         engine.check_fits(len(ids), settings.max_tokens)
         request, assembler = request_for(plan, tokenizer, ids, settings, model_name)
         if len(messages) > 1 and engine.wants_checkpoints:
-            # where the last message starts: a retried or edited last step, or
-            # another branch from here, restarts from this cached point
             before = self._render(tokenizer, messages[:-1], plan)
-            shared = common_length(before, ids, len(ids))
-            request = dataclasses.replace(request, checkpoints=(shared,))
+            request = with_last_message_checkpoint(request, before)
         return engine, request, assembler
 
     def _render(
@@ -578,12 +574,8 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
             self._prepare([*messages, HumanMessage(probe)], None, kwargs)[1]
             for probe in ("a", "b")
         )
-        n = 0  # the tokens both renderings share
-        while n < min(len(a.prompt_ids), len(b.prompt_ids)) and (
-            a.prompt_ids[n] == b.prompt_ids[n]
-        ):
-            n += 1
-        return self._pipeline.engine.save_prefix(path, a.prompt_ids[:n])
+        shared = common_length(a.prompt_ids, b.prompt_ids, len(a.prompt_ids))
+        return self._pipeline.engine.save_prefix(path, a.prompt_ids[:shared])
 
     def load_prompt_cache(self, path: str | Path) -> int:
         """Load a prefix saved by `save_prompt_cache` with the same model."""

@@ -39,7 +39,6 @@ Sampling (with per-request seeds) is in `sampling.py`.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import logging
 import time
@@ -47,6 +46,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from langchain_mlx.engine.guards import (
+    copy_error,
+    guarded,
+    guarded_sampler,
+    request_error,
+    timeout_error,
+)
 from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
@@ -64,14 +70,12 @@ from langchain_mlx.engine.speculative import (
     SpeculationStats,
     StepCosts,
 )
-from langchain_mlx.engine.text import RequestText
+from langchain_mlx.engine.text import RequestText, token_logprob
 from langchain_mlx.engine.types import (
     Final,
-    GenerationTimeoutError,
     LogitsProcessor,
     Request,
     RequestFailedError,
-    TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -238,7 +242,7 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """Deliver `error` to every request and start from an empty batch."""
         for live in [*self._live.values(), *self._waiting]:
-            self._end(live, "error", error=_copy_error(error))
+            self._end(live, "error", error=copy_error(error))
         self._live.clear()
         self._waiting.clear()
         self._jobs.clear()
@@ -397,12 +401,12 @@ class Scheduler:
     def _insert(self, live: _Live) -> None:
         request = live.request
         settings = request.settings
-        processors = [_guarded(p, live) for p in request_processors(settings, request)]
+        processors = [guarded(p, live) for p in request_processors(settings, request)]
         uid, cached = self._insert_tokens(
             list(request.prompt_ids),
             max_tokens=settings.max_tokens,
             processors=processors,
-            sampler=_guarded_sampler(make_request_sampler(settings), live),
+            sampler=guarded_sampler(make_request_sampler(settings), live),
             checkpoints=request.checkpoints,
         )
         self._track(live, uid, cached)
@@ -450,9 +454,9 @@ class Scheduler:
             cache=cache if cache is not None else make_prompt_cache(self._model),
             cached=cached,
             max_tokens=settings.max_tokens,
-            sampler=_guarded_sampler(make_request_sampler(settings), live),
+            sampler=guarded_sampler(make_request_sampler(settings), live),
             processors=[
-                _guarded(p, live) for p in request_processors(settings, request)
+                guarded(p, live) for p in request_processors(settings, request)
             ],
             stop_sequences=self._eos_stops,
             constraint=request.constraint,
@@ -480,7 +484,7 @@ class Scheduler:
             logger.debug("a solo step failed", exc_info=True)
             self._solo = None
             del self._live[solo.uid]
-            self._end(live, "error", error=_request_error("decoding", e))
+            self._end(live, "error", error=request_error("decoding", e))
             return
         self._measure_prefill(prompt_responses, time.perf_counter() - tic)
         if any(p.end_of_prompt for p in prompt_responses):
@@ -526,7 +530,7 @@ class Scheduler:
             if live.handle.cancelled:
                 self._end(live, "cancelled")
             else:
-                self._end(live, "error", error=_timeout_error(live, now))
+                self._end(live, "error", error=timeout_error(live, now))
         self._remove([live for live in self._live.values() if gone(live)])
 
     # -- delivery -------------------------------------------------------------
@@ -545,14 +549,19 @@ class Scheduler:
             live.last_token = r.token
             try:
                 entry = (
-                    self._logprob(r, live.request.settings.top_logprobs)
+                    token_logprob(
+                        self._tokenizer,
+                        r.logprobs,
+                        r.token,
+                        live.request.settings.top_logprobs,
+                    )
                     if live.request.settings.logprobs
                     else None
                 )
                 for segment in live.text.add(r.token, entry):
                     live.handle._put(segment)
             except Exception as e:  # e.g. the detokenizer: this request only
-                live.error = _request_error("decoding its text", e)
+                live.error = request_error("decoding its text", e)
                 finish = "error"
             if live.text.stopped:
                 finish = "stop"
@@ -564,26 +573,6 @@ class Scheduler:
         self._store(r.all_tokens, r.prompt_cache)
         del self._live[live.uid]
         self._end(live, _finish_reason(live, finish))
-
-    def _logprob(self, r: Any, top: int) -> TokenLogprob:
-        """The chosen token's log-probability and the `top` likeliest tokens."""
-        import mlx.core as mx
-
-        logprobs = r.logprobs
-        chosen = float(logprobs[r.token].item())
-        alternatives: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
-        if top > 0:
-            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-            id_list: list[int] = list(ids.tolist())  # type: ignore[arg-type]
-            values: list[float] = list(logprobs[ids].tolist())
-            ranked = sorted(zip(id_list, values, strict=True), key=lambda t: -t[1])
-            alternatives = tuple(
-                (text, float(lp), tuple(text.encode()))
-                for i, lp in ranked
-                if lp != float("-inf")
-                for text in (self._tokenizer.decode([int(i)]),)
-            )
-        return TokenLogprob("", chosen, (), alternatives)
 
     def _keep_checkpoint(self, uid: int) -> None:
         """A prompt reached one of its checkpoints: keep a copy of its KV state."""
@@ -621,7 +610,7 @@ class Scheduler:
                 self._solo = None
         except Exception as e:  # they would decode on, unseen: start afresh
             logger.warning("could not take requests out of the batch", exc_info=True)
-            self.fail_all(_request_error("taking requests out of the batch", e))
+            self.fail_all(request_error("taking requests out of the batch", e))
             return
         now = time.perf_counter()
         for live in lives:
@@ -637,7 +626,7 @@ class Scheduler:
             elif live.handle.cancelled:
                 self._end(live, "cancelled")
             else:
-                self._end(live, "error", error=_timeout_error(live, now))
+                self._end(live, "error", error=timeout_error(live, now))
 
     def _end(
         self, live: _Live, reason: str, *, error: BaseException | None = None
@@ -650,7 +639,7 @@ class Scheduler:
             if error is None:
                 live.handle._put(self._final(live, reason))
         except Exception as e:
-            error = _request_error("finishing it", e)
+            error = request_error("finishing it", e)
         if error is not None:
             live.handle._put(error)
         self._on_done("error" if error is not None else reason)
@@ -692,70 +681,3 @@ def _finish_reason(live: _Live, finish: str) -> str:
         except Exception:  # the grammar's state is unknown: say it was cut
             logger.debug("constraint state unknown", exc_info=True)
     return finish
-
-
-def _copy_error(error: BaseException) -> BaseException:
-    """An error of its own for each reader (each raises it in its own thread)."""
-    try:
-        fresh = copy.copy(error)
-    except Exception:  # an exception type that cannot be copied: share it
-        return error
-    fresh.__cause__ = error.__cause__
-    fresh.__traceback__ = None
-    return fresh
-
-
-def _request_error(doing: str, e: Exception) -> RequestFailedError:
-    error = RequestFailedError(
-        f"the request failed while {doing}: {type(e).__name__}: {e}"
-    )
-    error.__cause__ = e
-    return error
-
-
-def _guarded(processor: LogitsProcessor, live: _Live) -> LogitsProcessor:
-    """A processor whose failure ends its own request, not the whole batch."""
-
-    def run(tokens: Any, logits: Any) -> Any:
-        if live.error is not None:
-            return logits
-        try:
-            return processor(tokens, logits)
-        except Exception as e:  # typed errors (a grammar's) reach the caller as-is
-            live.error = e if _is_ours(e) else _request_error("masking logits", e)
-            return logits
-
-    return run
-
-
-def _guarded_sampler(sampler: Sampler, live: _Live) -> Sampler:
-    """A sampler whose failure ends its own request (greedy ones cannot fail)."""
-    from mlx_lm.sample_utils import greedy_sampler
-
-    if sampler is greedy_sampler:
-        return greedy_sampler  # shared: a greedy batch samples in one call
-
-    def sample(logprobs: Any) -> Any:
-        import mlx.core as mx
-
-        if live.error is None:
-            try:
-                return sampler(logprobs)
-            except Exception as e:
-                live.error = _request_error("sampling", e)
-        return mx.argmax(logprobs, axis=-1)
-
-    return sample
-
-
-def _is_ours(e: Exception) -> bool:
-    return type(e).__module__.startswith("langchain_mlx")
-
-
-def _timeout_error(live: _Live, now: float) -> GenerationTimeoutError:
-    timeout = live.request.settings.timeout
-    msg = (
-        f"generation exceeded timeout={timeout}s after {now - live.submitted:.1f}s; "
-        "raise `timeout`, lower `max_tokens`, or pass a shorter prompt"
-    )
-    return GenerationTimeoutError(msg)

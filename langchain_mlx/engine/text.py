@@ -414,3 +414,23 @@ class RequestText:
             drop = self._tokens[0][0] - self._text_start
             self._text, self._text_start = self._text[drop:], self._tokens[0][0]
         return tuple(entries)
+
+
+def token_logprob(tokenizer: Any, logprobs: Any, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability and the `top` likeliest tokens."""
+    import mlx.core as mx
+
+    chosen = float(logprobs[token].item())
+    alternatives: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        id_list: list[int] = list(ids.tolist())  # type: ignore[arg-type]
+        values: list[float] = list(logprobs[ids].tolist())
+        ranked = sorted(zip(id_list, values, strict=True), key=lambda t: -t[1])
+        alternatives = tuple(
+            (text, float(lp), tuple(text.encode()))
+            for i, lp in ranked
+            if lp != float("-inf")
+            for text in (tokenizer.decode([int(i)]),)
+        )
+    return TokenLogprob("", chosen, (), alternatives)

@@ -225,6 +225,14 @@ class EngineOptions:
     prefix_cache_bytes: int = 2 << 30
     """Byte budget of those caches; least recently used go first (0: off)."""
 
+    @classmethod
+    def chosen(cls, options: dict[str, int | None] | None) -> EngineOptions:
+        """The defaults with the given options (None: default), validated."""
+        picked = {k: v for k, v in (options or {}).items() if v is not None}
+        engine_options = replace(cls(), **picked)
+        engine_options.validate()
+        return engine_options
+
     def validate(self) -> None:
         """Raise ValueError for a value the engine cannot work with."""
         for name in ENGINE_OPTION_NAMES:

@@ -45,6 +45,11 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_mlx.engine.group import hold_for_group
 from langchain_mlx.engine.handle import POLL_SECONDS, RequestHandle
+from langchain_mlx.engine.model_facts import (
+    caches_can_be_cut,
+    canonical_path,
+    context_length_of,
+)
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
     ContextWindowExceededError,
@@ -65,8 +70,6 @@ Loader = Callable[[], tuple[Any, Any]]
 
 _CLOSE_WAIT_SECONDS = 5.0  # close(): how long to wait for the current step
 _EXIT_WAIT_SECONDS = 1.0  # at interpreter exit
-_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_ctx",
-                 "seq_length", "context_length", "max_seq_len")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,8 @@ class Engine:
         """
         key = (
             "path",
-            _canonical(path),
-            _canonical(adapter_path) if adapter_path else None,
+            canonical_path(path),
+            canonical_path(adapter_path) if adapter_path else None,
             lazy,
             json.dumps(tokenizer_config or {}, sort_keys=True, default=str),
         )
@@ -184,7 +187,12 @@ class Engine:
                 return engine
             logger.info("loading MLX model %s", path)
             model, tokenizer = loader()
-            engine = cls(model, tokenizer, name=name or path, options=_options(options))
+            engine = cls(
+                model,
+                tokenizer,
+                name=name or path,
+                options=EngineOptions.chosen(options),
+            )
             engine._key = key
             with cls._registry_lock:
                 cls._registry[key] = engine
@@ -206,7 +214,9 @@ class Engine:
             if engine is not None and engine.alive and engine.model is model:
                 engine.require_options(options)
                 return engine
-            engine = cls(model, tokenizer, name=name, options=_options(options))
+            engine = cls(
+                model, tokenizer, name=name, options=EngineOptions.chosen(options)
+            )
             engine._key = key
             cls._registry[key] = engine
             return engine
@@ -314,7 +324,7 @@ class Engine:
         Loaded once by `loader`; the engine is shared, so asking for another
         draft model once one is in use raises `ValueError`.
         """
-        key = _canonical(path)
+        key = canonical_path(path)
         with self._lock:
             if self._draft_key == key:
                 return
@@ -349,11 +359,7 @@ class Engine:
         Then a prompt is reused only from a cached exact prefix, and requests
         should name their message boundaries (`Request.checkpoints`).
         """
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
-
-        if self.model is None:  # closed: submitting will say so
-            return False
-        return not can_trim_prompt_cache(make_prompt_cache(self.model))
+        return self.model is not None and not caches_can_be_cut(self.model)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise `ContextWindowExceededError` unless prompt + max_tokens fit."""
@@ -599,29 +605,6 @@ class Engine:
                 item = self._queue.get_nowait()
         except queue.Empty:
             return
-
-
-def _canonical(path: str) -> str:
-    """One spelling per local folder (hub ids stay as they are)."""
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else path
-
-
-def context_length_of(model: Any) -> int | None:
-    """The context window a model was trained for, from its config (if stated)."""
-    args = getattr(model, "args", None)
-    for key in _CONTEXT_KEYS:
-        value = getattr(args, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _options(options: dict[str, int | None] | None) -> EngineOptions:
-    chosen = {k: v for k, v in (options or {}).items() if v is not None}
-    engine_options = replace(EngineOptions(), **chosen)
-    engine_options.validate()
-    return engine_options
 
 
 # -- engines alive in this process: closed at interpreter exit -------------------

@@ -1,0 +1,32 @@
+"""Facts about a loaded model and its folder that the engine decides by."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_ctx",
+                 "seq_length", "context_length", "max_seq_len")  # fmt: skip
+
+
+def canonical_path(path: str) -> str:
+    """One spelling per local folder (hub ids stay as they are)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def context_length_of(model: Any) -> int | None:
+    """The context window a model was trained for, from its config (if stated)."""
+    args = getattr(model, "args", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def caches_can_be_cut(model: Any) -> bool:
+    """Whether the model's KV caches can be trimmed back to a shorter prefix."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+    return bool(can_trim_prompt_cache(make_prompt_cache(model)))
