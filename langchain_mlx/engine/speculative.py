@@ -439,7 +439,7 @@ class Solo:
         room = min(self._max_draft, self.remaining - 1 - len(forced))
         if room <= 0 or not can_trim_prompt_cache(self.cache):
             return [], ""  # a rejected draft could not be taken back
-        history = [*self.history, *forced]
+        history = [*self.history, *forced] if forced else self.history
         draft, source = [], ""
         if self._lookup is not None:
             draft, source = self._lookup.draft(history, room), "lookup"
