@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from langchain_mlx.embeddings import MLXEmbeddings
     from langchain_mlx.engine.types import (
         ContextWindowExceededError,
+        DistributedError,
         EngineOverloadedError,
         EngineStoppedError,
         GenerationTimeoutError,
@@ -45,6 +46,7 @@ _LAZY = {
     "ChatTemplateError": "langchain_mlx._messages",
     "ConstraintViolationError": "langchain_mlx._constraints",
     "ContextWindowExceededError": "langchain_mlx.engine.types",
+    "DistributedError": "langchain_mlx.engine.types",
     "EngineOverloadedError": "langchain_mlx.engine.types",
     "EngineStoppedError": "langchain_mlx.engine.types",
     "GenerationTimeoutError": "langchain_mlx.engine.types",
@@ -62,6 +64,7 @@ __all__ = [
     "ChatTemplateError",
     "ConstraintViolationError",
     "ContextWindowExceededError",
+    "DistributedError",
     "EngineOverloadedError",
     "EngineStoppedError",
     "GenerationTimeoutError",

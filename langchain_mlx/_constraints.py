@@ -281,6 +281,13 @@ class ConstraintCompiler:
         return GrammarLogitsProcessor(self.lltokenizer, grammar, what, lazy=lazy)
 
 
+def constraint_from_spec(tokenizer: Any, spec: Any) -> GrammarLogitsProcessor:
+    """A fresh processor from a `GrammarLogitsProcessor.spec` (other ranks)."""
+    grammar, what, lazy = spec
+    compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+    return compiler.processor(grammar, what, lazy=lazy)
+
+
 def _unsupported(what: str, error: str) -> UnsupportedSchemaError:
     msg = (
         f"{what} cannot be enforced by the grammar compiler: {error}. "
@@ -312,6 +319,8 @@ class GrammarLogitsProcessor:
         from llguidance.numpy import allocate_token_bitmask
 
         self._np = np
+        self.spec = (grammar, what, lazy)
+        """What `constraint_from_spec` rebuilds it from (on other ranks)."""
         self._matcher = LLMatcher(lltokenizer, grammar)
         if self._matcher.is_error():
             raise _unsupported(what, self._matcher.get_error())

@@ -221,6 +221,8 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
             self.llm = MLXPipeline.from_model_id(
                 DEFAULT_MODEL if self.model is None else self.model,
                 draft_model=self.draft_model,
+                distributed=self.distributed,
+                distributed_timeout=self.distributed_timeout,
                 **self._engine_options(),
             )
         elif self.model is not None and self.model != self.llm.model_id:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -22,8 +22,10 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
+from langchain_mlx._constraints import constraint_from_spec
 from langchain_mlx._output import response_metadata, usage_metadata
 from langchain_mlx._settings import GenerationSettings, canonical_settings
+from langchain_mlx.engine.distributed import join_group
 from langchain_mlx.engine.handle import aread, read
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
@@ -34,6 +36,7 @@ from langchain_mlx.engine.types import (
 )
 from langchain_mlx.engine.worker import Engine
 from langchain_mlx.models.prepare import DEFAULT_MODEL, load_model, resolve_model
+from langchain_mlx.models.sharding import load_sharded
 
 
 class EngineFields(BaseModel):
@@ -63,6 +66,14 @@ class EngineFields(BaseModel):
     --draft-model`: used where prompt lookup finds nothing to draft. Greedy
     output is unchanged; whether it pays depends on how often the big model
     agrees with it (the engine measures and drafts less where it does not)."""
+    distributed: Literal["tensor", "pipeline"] | None = None
+    """Shard the model over the ranks of an MLX distributed job (`mlx.launch`):
+    "tensor" splits every layer, "pipeline" gives each rank a run of layers.
+    Run the same script on every rank: rank 0 gets the model; on the other
+    ranks constructing it serves rank 0's engine steps and then ends the
+    process. Outside `mlx.launch` (a group of one) the model loads normally."""
+    distributed_timeout: float = Field(default=60.0, gt=0)
+    """Seconds to wait for the other ranks to join the group."""
 
     def _engine_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ENGINE_OPTION_NAMES}
@@ -127,26 +138,45 @@ class MLXPipeline(LLM, EngineFields):
                 msg = "pass both `model` and `tokenizer`, or neither (then `model_id`)"
                 raise ValueError(msg)
             path = resolve_model(self.model_id)
+            group = self._group()
+            loader: Callable[[], tuple[Any, Any]] = functools.partial(
+                load_model,
+                path,
+                adapter_path=self.adapter_file,
+                lazy=self.lazy,
+                tokenizer_config=self.tokenizer_config,
+            )
+            if group is not None:
+                loader = functools.partial(
+                    load_sharded,
+                    path,
+                    mode=str(self.distributed),
+                    group=group,
+                    tokenizer_config=self.tokenizer_config,
+                )
             self._engine = Engine.for_path(
                 path,
-                loader=functools.partial(
-                    load_model,
-                    path,
-                    adapter_path=self.adapter_file,
-                    lazy=self.lazy,
-                    tokenizer_config=self.tokenizer_config,
-                ),
+                loader=loader,
                 name=self.model_id,
                 adapter_path=self.adapter_file,
                 lazy=self.lazy,
                 tokenizer_config=self.tokenizer_config,
                 options=self._engine_options(),
+                group=group,
+                distributed=self.distributed,
+                constraint_factory=constraint_from_spec,
             )
             self.model = self._engine.model
             self.tokenizer = self._engine.tokenizer
         else:
             if self.tokenizer is None:
                 msg = "`tokenizer` is required when `model` is given"
+                raise ValueError(msg)
+            if self.distributed is not None:
+                msg = (
+                    "distributed= loads the model sharded from model_id; a model "
+                    "passed as an object cannot be sharded afterwards"
+                )
                 raise ValueError(msg)
             if self.adapter_file or self.lazy or self.tokenizer_config:
                 msg = (
@@ -165,6 +195,22 @@ class MLXPipeline(LLM, EngineFields):
             self.use_draft_model(self.draft_model)
         self._engine.attach(self)
         return self
+
+    def _group(self) -> Any:
+        """The distributed group when the model is to be sharded over several ranks."""
+        if self.distributed is None:
+            return None
+        group = join_group(self.distributed_timeout)
+        if group.size() == 1:
+            return None  # not launched as several ranks: load normally
+        if self.adapter_file is not None or self.draft_model is not None:
+            msg = (
+                "adapter_file and draft_model are not supported with distributed= "
+                "(as in mlx_lm.server); fuse adapters into the model first "
+                "(mlx_lm.fuse)"
+            )
+            raise ValueError(msg)
+        return group
 
     def use_draft_model(self, model: str) -> None:
         """Draft with `model` (prepared name, folder or hub id); see `draft_model`."""

@@ -95,6 +95,7 @@ class _Live:
     handle: RequestHandle
     request: Request
     submitted: float
+    number: int = -1  # the engine's submission number (shared by every rank)
     uid: int = -1
     admitted: float = 0.0
     first: float | None = None
@@ -128,6 +129,7 @@ class Scheduler:
         max_batch_size: int,
         batched: bool | None = None,
         draft_model: Any = None,
+        measured_costs: bool = True,
     ) -> None:
         from mlx_lm.generate import StopSequences
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
@@ -158,7 +160,7 @@ class Scheduler:
         self._progress: dict[int, int] = {}
         self._solo: Solo | None = None
         self._solo_uids = -1  # solo uids count down: never a batch uid
-        self._costs = StepCosts()
+        self._costs = StepCosts(measured=measured_costs)
         self.draft_model = draft_model
         """A small model with the same tokenizer that drafts tokens, or None."""
 
@@ -179,18 +181,38 @@ class Scheduler:
             self._generator.completion_batch_size = n
             self._generator.prefill_batch_size = n
 
-    def add(self, handle: RequestHandle, request: Request, submitted: float) -> None:
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill step (sized from the measured speed)."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int) -> None:
+        self._prefill_chunk = n
+
+    def add(
+        self,
+        handle: RequestHandle,
+        request: Request,
+        submitted: float,
+        number: int,
+    ) -> None:
         """Queue a request; it joins the batch when a slot is free."""
         if not self.busy:
             import mlx.core as mx
 
             mx.reset_peak_memory()  # peak memory is reported per busy period
-        self._waiting.append(_Live(handle, request, submitted))
+        self._waiting.append(_Live(handle, request, submitted, number))
 
-    def step(self) -> None:
-        """Admit, sweep, advance the batch by one step, deliver events."""
+    def step(self, gone: dict[int, str] | None = None) -> None:
+        """Admit, sweep, advance the batch by one step, deliver events.
+
+        `gone` (submission number -> "cancelled" or "timeout") decides which
+        requests to drop instead of this process's handles and clock: the
+        ranks of a sharded model drop what rank 0 decided.
+        """
         self._admit()
-        self._sweep()
+        self._sweep(self.gone() if gone is None else gone)
         if self._solo is not None:
             self._step_solo(self._solo)
             return
@@ -517,21 +539,30 @@ class Scheduler:
         live.uid = uid
         self._live[uid] = live
 
-    def _sweep(self) -> None:
-        """Drop requests whose reader left or whose time is up."""
+    def gone(self) -> dict[int, str]:
+        """Requests whose reader left ("cancelled") or whose time is up ("timeout")."""
         now = time.perf_counter()
-
-        def gone(live: _Live) -> bool:
+        out: dict[int, str] = {}
+        for live in [*self._waiting, *self._live.values()]:
             deadline = live.deadline
-            return live.handle.cancelled or (deadline is not None and now > deadline)
-
-        for live in [w for w in self._waiting if gone(w)]:
-            self._waiting.remove(live)
             if live.handle.cancelled:
+                out[live.number] = "cancelled"
+            elif deadline is not None and now > deadline:
+                out[live.number] = "timeout"
+        return out
+
+    def _sweep(self, gone: dict[int, str]) -> None:
+        """Drop the requests `gone` names."""
+        if not gone:
+            return
+        now = time.perf_counter()
+        for live in [w for w in self._waiting if w.number in gone]:
+            self._waiting.remove(live)
+            if gone[live.number] == "cancelled":
                 self._end(live, "cancelled")
             else:
                 self._end(live, "error", error=timeout_error(live, now))
-        self._remove([live for live in self._live.values() if gone(live)])
+        self._remove([live for live in self._live.values() if live.number in gone])
 
     # -- delivery -------------------------------------------------------------
 

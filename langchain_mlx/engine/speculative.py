@@ -55,6 +55,7 @@ NGRAM_SIZES = (4, 3)  # longest first; shorter matches in prose mostly miss
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # a first draft is tried
 DECAY = 0.8  # weight of the acceptance history per step
 EXPLORE_EVERY = 32  # steps with a lookup match but no draft before one is tried
+FIXED_EXTRA = 0.3  # unmeasured costs: each extra fed token, in one-token passes
 
 
 @dataclass
@@ -67,13 +68,22 @@ class SpeculationStats:
 
 
 class StepCosts:
-    """Measured seconds of a decode step by the number of tokens it feeds."""
+    """Measured seconds of a decode step by the number of tokens it feeds.
 
-    def __init__(self) -> None:
+    With `measured=False` the costs follow a fixed model instead (a pass over
+    n tokens costs `1 + FIXED_EXTRA * (n - 1)` one-token passes): every rank
+    of a sharded model must choose the same draft lengths, and their clocks
+    differ.
+    """
+
+    def __init__(self, *, measured: bool = True) -> None:
         self._seconds: dict[tuple[str, int], float] = {}
+        self._measured = measured
 
     def record(self, source: str, n: int, seconds: float) -> None:
         """Note a step of `n` fed tokens with drafts from `source` ("": none)."""
+        if not self._measured:
+            return
         key = (source, n)
         old = self._seconds.get(key)
         self._seconds[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
@@ -84,6 +94,8 @@ class StepCosts:
         A size just past the largest measured one is guessed optimistically,
         so it gets tried once; larger ones are not guessed.
         """
+        if not self._measured:
+            return 1.0 + FIXED_EXTRA * (n - 1)
         known = self._seconds.get((source, n)) or self._seconds.get(("", n))
         if known is not None:
             return known

@@ -34,6 +34,15 @@ class EngineStoppedError(RuntimeError):
     """The engine was closed (or its worker died); the request cannot complete."""
 
 
+class DistributedError(EngineStoppedError):
+    """The group of ranks that runs a sharded model broke or could not form.
+
+    A rank died or lost its connection, or the group did not form in time; a
+    sharded model cannot go on with part of its weights missing, so the engine
+    stops. Restart every rank (e.g. `mlx.launch` again).
+    """
+
+
 class EngineOverloadedError(RuntimeError):
     """More requests are waiting than the engine's `max_queue` allows."""
 
@@ -272,6 +281,14 @@ class Constraint(Protocol):
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` the grammar would accept next, in order."""
+
+    @property
+    def spec(self) -> Any:
+        """A picklable description from which a fresh copy can be built.
+
+        The other ranks of a sharded model rebuild the request's constraint
+        from it (their engine's `constraint_factory`).
+        """
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import atexit
 import collections
 import concurrent.futures
 import functools
+import itertools
 import json
 import logging
 import queue
@@ -53,6 +54,7 @@ from langchain_mlx.engine.model_facts import (
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
     ContextWindowExceededError,
+    DistributedError,
     EngineOptions,
     EngineOverloadedError,
     EngineStoppedError,
@@ -61,6 +63,7 @@ from langchain_mlx.engine.types import (
 )
 
 if TYPE_CHECKING:
+    from langchain_mlx.engine.distributed import StepPlan, StepSharing
     from langchain_mlx.engine.prefix_cache import PrefixCache
     from langchain_mlx.engine.scheduler import Scheduler
 
@@ -77,6 +80,7 @@ class _Submission:
     handle: RequestHandle
     request: Request
     submitted: float
+    number: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Engine:
         name: str,
         options: EngineOptions | None = None,
         batched: bool | None = None,
+        sharing: StepSharing | None = None,
     ) -> None:
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -137,6 +142,10 @@ class Engine:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight = 0  # submitted and not yet finished
+        self._numbers = itertools.count()
+        self._sharing = sharing
+        """Set on every rank of a sharded model (distributed.py)."""
+        self._failure: BaseException | None = None  # why the worker stopped
         self._closing = False
         self._parked = threading.Event()
         self._scheduler: Scheduler | None = None
@@ -163,19 +172,30 @@ class Engine:
         lazy: bool = False,
         tokenizer_config: dict[str, Any] | None = None,
         options: dict[str, int | None] | None = None,
+        group: Any = None,
+        distributed: str | None = None,
+        constraint_factory: Callable[[Any, Any], Any] | None = None,
     ) -> Engine:
         """The engine for a model folder or hub id, loaded by `loader` on first use.
 
         `options` (engine option names; None: keep) apply when the engine is
         created; asking an existing engine for different ones raises, since the
         engine is shared (change them with `configure`).
+
+        With an MLX distributed `group` of more than one rank, `loader` loads
+        this rank's shard and every rank runs the same engine steps
+        (`distributed.py`): on rank 0 this returns the engine; on the others
+        it serves rank 0's steps and ends the process when rank 0 is done.
+        `constraint_factory(tokenizer, spec)` rebuilds constraints there.
         """
+        sharded = group is not None and group.size() > 1
         key = (
             "path",
             canonical_path(path),
             canonical_path(adapter_path) if adapter_path else None,
             lazy,
             json.dumps(tokenizer_config or {}, sort_keys=True, default=str),
+            distributed if sharded else None,
         )
         with cls._registry_lock:  # one loader per model; others load in parallel
             key_lock = cls._loading.setdefault(key, threading.Lock())
@@ -186,14 +206,24 @@ class Engine:
                 engine.require_options(options)
                 return engine
             logger.info("loading MLX model %s", path)
+            sharing = None
+            if sharded:
+                from langchain_mlx.engine.distributed import StepSharing
+
+                cls._one_sharded_engine(key)
+                sharing = StepSharing(group, model=name or path, mode=str(distributed))
+                sharing.constraint_factory = constraint_factory
             model, tokenizer = loader()
             engine = cls(
                 model,
                 tokenizer,
                 name=name or path,
                 options=EngineOptions.chosen(options),
+                sharing=sharing,
             )
             engine._key = key
+            if sharing is not None and not sharing.leader:
+                engine._follow()  # never returns
             with cls._registry_lock:
                 cls._registry[key] = engine
             return engine
@@ -223,6 +253,37 @@ class Engine:
 
     _key: tuple[Any, ...] | None = None
 
+    @classmethod
+    def _one_sharded_engine(cls, key: tuple[Any, ...]) -> None:
+        """Raise unless no other sharded engine runs (their steps would interleave)."""
+        with cls._registry_lock:
+            others = [
+                e for k, e in cls._registry.items()
+                if k != key and e._sharing is not None and e.alive
+            ]  # fmt: skip
+        if others:
+            msg = (
+                f"the sharded model {others[0].name!r} is already running in this "
+                "process; one sharded model per process is supported (every rank "
+                "steps it in lockstep). Close it first."
+            )
+            raise ValueError(msg)
+
+    def _follow(self) -> None:
+        """A rank > 0: serve rank 0's steps, then end the process."""
+        self._parked.wait()
+        sharing = self._sharing
+        assert sharing is not None
+        if not sharing.closed_by_leader:
+            logger.error("%s", self._failure or "the sharded engine stopped")
+        sharing.exit_follower(0 if sharing.closed_by_leader else 1)
+
+    @property
+    def sharded(self) -> tuple[int, int] | None:
+        """(rank, group size) when this engine runs a sharded model, else None."""
+        sharing = self._sharing
+        return None if sharing is None else (sharing.rank, sharing.size)
+
     def require_options(self, options: dict[str, Any] | None) -> None:
         """Raise ValueError if `options` (None: any) differ from this engine's."""
         asked = {k: v for k, v in (options or {}).items() if v is not None}
@@ -249,6 +310,8 @@ class Engine:
 
     def check_alive(self) -> None:
         """Raise `EngineStoppedError` if the engine is closed or its worker gone."""
+        if isinstance(self._failure, DistributedError):
+            raise DistributedError(str(self._failure))
         if self._closing or not self._worker_running():
             what = "was closed" if self._closing else "has stopped"
             msg = (
@@ -325,6 +388,12 @@ class Engine:
         draft model once one is in use raises `ValueError`.
         """
         key = canonical_path(path)
+        if self._sharing is not None:
+            msg = (
+                "draft models are not supported on a sharded model (as in "
+                "mlx_lm.server); prompt lookup (prompt_lookup=True) still drafts"
+            )
+            raise ValueError(msg)
         with self._lock:
             if self._draft_key == key:
                 return
@@ -431,6 +500,10 @@ class Engine:
             msg = "the prompt is empty: at least one token is needed to generate"
             raise ValueError(msg)
         self.check_fits(len(request.prompt_ids), request.settings.max_tokens)
+        if self._sharing is not None:
+            from langchain_mlx.engine.distributed import shareable_request
+
+            shareable_request(request)
         with self._lock:
             opts = self._options
             if self._in_flight >= opts.max_batch_size + opts.max_queue:
@@ -443,8 +516,9 @@ class Engine:
                 )
                 raise EngineOverloadedError(msg)
             self._in_flight += 1
+            number = next(self._numbers)
         handle = RequestHandle(self.check_alive, loop)
-        return _Submission(handle, request, time.perf_counter())
+        return _Submission(handle, request, time.perf_counter(), number)
 
     def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
         """Write the KV state of `prompt_ids` to `path` (`.safetensors`).
@@ -480,6 +554,13 @@ class Engine:
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker thread and return its result."""
         self.check_alive()
+        if self._sharing is not None:
+            msg = (
+                f"{self.name!r} is sharded across {self._sharing.size} ranks: saving, "
+                "loading or clearing prefixes is not supported there (each rank "
+                "holds only its part of the KV state)"
+            )
+            raise NotImplementedError(msg)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._queue.put(_Task(fn, future))
         while True:
@@ -515,6 +596,7 @@ class Engine:
     def _serve(self) -> None:
         from langchain_mlx.engine.scheduler import Scheduler
 
+        sharing = self._sharing
         scheduler = Scheduler(
             self.model,
             self.tokenizer,
@@ -523,19 +605,102 @@ class Engine:
             on_done=self._request_done,
             max_batch_size=self._options.max_batch_size,
             batched=self._batched,
+            measured_costs=sharing is None,  # every rank must decide the same
         )
         self._scheduler = scheduler
+        if sharing is not None:
+            sharing.tokenizer = self.tokenizer
+            self._guard_group(sharing.hello, int(self.tokenizer.vocab_size))
         while not self._closing:
             try:
-                self._take_items(scheduler, block=not scheduler.busy)
+                if sharing is not None:
+                    if not self._step_shared(scheduler, sharing):
+                        break
+                    continue
+                for s in self._take_items(block=not scheduler.busy):
+                    scheduler.add(s.handle, s.request, s.submitted, s.number)
                 self._apply_options(scheduler)
                 if not self._closing:
                     scheduler.step()
+            except DistributedError:
+                raise  # the group is gone: the engine stops
             except Exception as e:  # delivered to the callers, worker lives on
                 logger.exception("the MLX engine for %r failed a step", self.name)
                 error = RequestFailedError(f"the MLX engine failed a step: {e}")
                 error.__cause__ = e
                 scheduler.fail_all(error)
+        if sharing is not None and sharing.leader and self._failure is None:
+            from langchain_mlx.engine.distributed import StepPlan
+
+            # the other ranks end too (exit 0)
+            self._guard_group(sharing.share, StepPlan(close=True))
+
+    def _guard_group(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a collective; a failure stops the engine with DistributedError."""
+        try:
+            return fn(*args)
+        except DistributedError as e:
+            self._failure = e
+            raise
+
+    def _step_shared(self, scheduler: Scheduler, sharing: StepSharing) -> bool:
+        """One worker iteration of a sharded model, the same on every rank.
+
+        Rank 0 turns what it received into a `StepPlan` and shares it; then
+        every rank applies the plan to its scheduler and steps. False: stop.
+        """
+        from langchain_mlx.engine.distributed import StepPlan, shareable_request
+
+        mine: dict[int, _Submission] = {}
+        plan = StepPlan()
+        if sharing.leader:
+            submissions = self._take_items(block=not scheduler.busy)
+            if self._closing:
+                for s in submissions:
+                    s.handle._put(self._stopped_error())
+                    self._request_done("error")
+                return False
+            mine = {s.number: s for s in submissions}
+            options = self._options
+            plan = StepPlan(
+                requests=[
+                    (s.number, s.request, shareable_request(s.request)[1])
+                    for s in submissions
+                ],
+                gone=scheduler.gone(),
+                prefill_chunk=scheduler.prefill_chunk,
+                options=options if options is not self._applied else None,
+            )
+        try:
+            plan = self._guard_group(sharing.share, plan)
+        except DistributedError as e:
+            for s in mine.values():  # taken from the queue, not yet scheduled
+                s.handle._put(DistributedError(str(e)))
+                self._request_done("error")
+            raise
+        if plan.close:
+            sharing.closed_by_leader = True
+            return False
+        self._apply_plan(scheduler, plan, mine)
+        scheduler.step(gone=plan.gone)
+        return True
+
+    def _apply_plan(
+        self, scheduler: Scheduler, plan: StepPlan, mine: dict[int, _Submission]
+    ) -> None:
+        """Admit the plan's requests and options (a follower's copies read nothing)."""
+        assert self._sharing is not None
+        if plan.options is not None:
+            self._options = plan.options
+        for number, request, _ in plan.requests:
+            s = mine.get(number)
+            if s is not None:
+                scheduler.add(s.handle, s.request, s.submitted, number)
+            else:
+                sink = self._sharing.sink()
+                scheduler.add(sink, request, time.perf_counter(), number)
+        self._apply_options(scheduler)
+        scheduler.prefill_chunk = plan.prefill_chunk
 
     def _shut_down(self) -> None:
         """End every request and free the model's memory."""
@@ -576,6 +741,8 @@ class Engine:
             return
 
     def _stopped_error(self) -> EngineStoppedError:
+        if isinstance(self._failure, DistributedError):
+            return DistributedError(str(self._failure))
         return EngineStoppedError(
             f"the MLX engine for {self.name!r} was closed while the request ran; "
             "create the model again to load it anew"
@@ -592,19 +759,19 @@ class Engine:
                 options.prefix_cache_entries, options.prefix_cache_bytes
             )
 
-    def _take_items(self, scheduler: Scheduler, *, block: bool) -> None:
-        """Move everything queued to the scheduler (waiting if idle)."""
+    def _take_items(self, *, block: bool) -> list[_Submission]:
+        """Take everything queued (waiting if idle); run tasks, return requests."""
+        taken: list[_Submission] = []
         try:
             item = self._queue.get() if block else self._queue.get_nowait()
             while True:
                 if isinstance(item, _Task):
                     item.run()
                 elif item is not None:
-                    for s in item:
-                        scheduler.add(s.handle, s.request, s.submitted)
+                    taken.extend(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
-            return
+            return taken
 
 
 # -- engines alive in this process: closed at interpreter exit -------------------

@@ -1,0 +1,294 @@
+"""A sharded model: every rank of an MLX distributed group runs the same engine.
+
+Under `mlx.launch` (ring, JACCL or MPI), each rank loads its part of the
+weights (mlx-lm's `sharded_load`, tensor or pipeline parallel) and starts the
+same `Engine`. Rank 0 runs the application; the other ranks never return from
+constructing the model: their worker executes the steps rank 0 decides.
+
+Each worker iteration on rank 0 turns what it received into a `StepPlan` (new
+requests, the ones to drop, the prefill step size, changed options, or the
+end) and shares it before stepping, the way `mlx_lm.server` shares requests:
+the plan is pickled and summed across the group (`mx.distributed.all_sum`,
+every other rank adds zeros). Then every rank applies the same plan to the
+same scheduler state, so batches, prefill chunks, grammar fast-forward,
+speculation and sampling agree, and the collectives inside the model's
+forward passes meet in the same order. What would differ between ranks is
+decided by rank 0 or fixed: cancellations and timeouts (rank 0's clock and
+readers), the prefill step (rank 0's measurement), draft lengths (a fixed
+cost model instead of measured step times), the random seed (shared once).
+
+The plan travels on mlx-lm's generation stream, the stream the model runs on,
+so it is ordered with the model's own collectives on every rank.
+
+Failures: MLX's ring backend raises as soon as a peer's connection closes, so
+a rank that dies ends the others' current collective with an error; the
+engine then stops with `DistributedError` and the other ranks exit (status 1;
+0 when rank 0 closed the model or exited normally). Forming the group has a
+timeout (a missing rank would block `mx.distributed.init` forever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.types import (
+    DistributedError,
+    EngineOptions,
+    Event,
+    Request,
+)
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTED_MODES = ("tensor", "pipeline")
+GROUP_TIMEOUT_SECONDS = 60.0
+
+ConstraintFactory = Callable[[Any, Any], Any]  # (tokenizer, spec) -> Constraint
+
+
+@dataclass
+class StepPlan:
+    """What every rank does in one worker iteration (decided by rank 0)."""
+
+    requests: list[tuple[int, Request, Any]] = field(default_factory=list)
+    """New requests: (submission number, request without its constraint,
+    the constraint's spec or None)."""
+    gone: dict[int, str] = field(default_factory=dict)
+    """Requests to drop: submission number -> "cancelled" | "timeout"."""
+    prefill_chunk: int = 16
+    options: EngineOptions | None = None
+    """The engine options, when they changed (`Engine.configure`)."""
+    close: bool = False
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Rank 0's first message: what it loaded, and the shared random seed."""
+
+    model: str
+    mode: str
+    vocab_size: int
+    seed: int
+
+
+def check_mode(mode: str | None) -> None:
+    """Raise ValueError unless `mode` is None, "tensor" or "pipeline"."""
+    if mode is not None and mode not in DISTRIBUTED_MODES:
+        msg = (
+            f"distributed must be 'tensor', 'pipeline' or None, got {mode!r}: "
+            "'tensor' splits every layer across the ranks, 'pipeline' gives "
+            "each rank a run of whole layers"
+        )
+        raise ValueError(msg)
+
+
+_group: Any = None
+_group_lock = threading.Lock()
+
+
+def join_group(timeout: float = GROUP_TIMEOUT_SECONDS) -> Any:
+    """The process's MLX distributed group (size 1 outside `mlx.launch`).
+
+    Formed once per process. Raises `DistributedError` if the other ranks do
+    not connect within `timeout` seconds.
+    """
+    global _group
+    with _group_lock:
+        if _group is not None:
+            return _group
+        import mlx.core as mx
+
+        if not _launched():
+            _group = mx.distributed.init()  # a group of one
+            return _group
+        box: dict[str, Any] = {}
+
+        def init() -> None:
+            try:
+                box["group"] = mx.distributed.init(strict=True)
+            except Exception as e:  # reported below
+                box["error"] = e
+
+        thread = threading.Thread(target=init, name="mlx-distributed-init")
+        thread.daemon = True
+        thread.start()
+        thread.join(timeout)
+        if "group" in box:
+            _group = box["group"]
+            return _group
+        rank = os.environ.get("MLX_RANK", "?")
+        cause = box.get("error")
+        what = f"failed: {cause}" if cause else f"timed out after {timeout:g} s"
+        msg = (
+            f"rank {rank} could not form the MLX distributed group ({what}). "
+            "Start every rank (e.g. `mlx.launch --backend ring -n 2 --python "
+            "<python> app.py`, or with a hostfile for several machines), check "
+            "that they reach each other, or raise distributed_timeout."
+        )
+        raise DistributedError(msg) from cause
+
+
+def _launched() -> bool:
+    """Whether this process was started as a rank of a distributed job."""
+    env = os.environ
+    return bool(
+        env.get("MLX_HOSTFILE")
+        or env.get("MLX_JACCL_COORDINATOR")
+        or env.get("OMPI_COMM_WORLD_SIZE")
+        or env.get("PMI_SIZE")
+    )
+
+
+class _Sink(RequestHandle):
+    """A follower's handle: nobody reads it, so events are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: None)
+
+    def _put(self, event: Event | BaseException) -> None:
+        del event
+
+
+class StepSharing:
+    """Rank 0 shares each `StepPlan`; the other ranks receive it."""
+
+    def __init__(self, group: Any, *, model: str, mode: str) -> None:
+        self.group = group
+        self.rank = int(group.rank())
+        self.size = int(group.size())
+        self.model = model
+        self.mode = mode
+        self.leader = self.rank == 0
+        self.constraint_factory: ConstraintFactory | None = None
+        self.tokenizer: Any = None
+        self.closed_by_leader = False
+        """A follower: rank 0 sent the end (exit 0); else the group broke."""
+
+    # -- the exchange -----------------------------------------------------------
+
+    def _exchange(self, payload: bytes | None) -> bytes:
+        """Rank 0's bytes on every rank (a sum: the others add zeros)."""
+        import mlx.core as mx
+        import numpy as np
+        from mlx_lm.generate import generation_stream
+
+        try:
+            with mx.stream(generation_stream):
+                n = len(payload) if payload is not None else 0
+                size = mx.distributed.all_sum(
+                    mx.array([n], dtype=mx.int64), group=self.group
+                )
+                n = int(np.asarray(size)[0])
+                data = (
+                    mx.array(np.frombuffer(payload, dtype=np.uint8))
+                    if payload is not None
+                    else mx.zeros((n,), dtype=mx.uint8)
+                )
+                total = mx.distributed.all_sum(data, group=self.group)
+                return np.asarray(total).tobytes()
+        except Exception as e:
+            raise self.broken(e) from e
+
+    def broken(self, error: BaseException) -> DistributedError:
+        """The error for a group that cannot go on."""
+        return DistributedError(
+            f"rank {self.rank} of the {self.size} ranks running {self.model!r} "
+            f"({self.mode} parallel) lost the group: {error}. A rank died or "
+            "its connection broke; the sharded model cannot go on. Restart "
+            "every rank (mlx.launch ...)."
+        )
+
+    def hello(self, vocab_size: int) -> None:
+        """Agree on the model and the random seed (first step of every rank)."""
+        import mlx.core as mx
+
+        seed = int.from_bytes(os.urandom(4), "little")
+        mine = Hello(self.model, self.mode, vocab_size, seed)
+        theirs = pickle.loads(  # rank 0 of our own group
+            self._exchange(pickle.dumps(mine) if self.leader else None)
+        )
+        if (theirs.mode, theirs.vocab_size) != (self.mode, vocab_size):
+            msg = (
+                f"rank {self.rank} loaded {self.model!r} ({self.mode}, vocabulary "
+                f"{vocab_size}) but rank 0 loaded {theirs.model!r} ({theirs.mode}, "
+                f"vocabulary {theirs.vocab_size}): run the same script with the "
+                "same model on every rank"
+            )
+            raise DistributedError(msg)
+        mx.random.seed(theirs.seed)  # unseeded sampling draws the same everywhere
+
+    def share(self, plan: StepPlan) -> StepPlan:
+        """Rank 0: send `plan`. Others: the plan rank 0 sent (`plan` unused)."""
+        if self.leader:
+            shareable = dataclasses.replace(
+                plan,
+                requests=[
+                    (n, dataclasses.replace(r, constraint=None), spec)
+                    for n, r, spec in plan.requests
+                ],
+            )
+            self._exchange(pickle.dumps(shareable))
+            return plan
+        received: StepPlan = pickle.loads(self._exchange(None))
+        received.requests = [
+            (n, self._rebuild(r, spec), spec) for n, r, spec in received.requests
+        ]
+        return received
+
+    def _rebuild(self, request: Request, spec: Any) -> Request:
+        if spec is None:
+            return request
+        if self.constraint_factory is None:
+            msg = "a constrained request arrived but no constraint_factory is set"
+            raise DistributedError(msg)
+        constraint = self.constraint_factory(self.tokenizer, spec)
+        return dataclasses.replace(request, constraint=constraint)
+
+    @staticmethod
+    def sink() -> RequestHandle:
+        """A handle for a follower's copy of a request."""
+        return _Sink()
+
+    @staticmethod
+    def exit_follower(code: int) -> None:
+        """End a follower process (its app script must not run on)."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # exiting anyway
+                stream.flush()
+        os._exit(code)
+
+
+def shareable_request(request: Request) -> tuple[Request, Any]:
+    """Check that `request` can run on every rank; return it and its constraint spec.
+
+    Raises ValueError for what cannot be sent to the other ranks.
+    """
+    if request.logits_processors:
+        msg = (
+            "custom logits processors cannot run on a sharded model: every rank "
+            "must apply them and Python callables cannot be sent to the other "
+            "ranks; use the built-in settings (repetition_penalty, a schema or "
+            "tools) instead"
+        )
+        raise ValueError(msg)
+    constraint = request.constraint
+    if constraint is None:
+        return request, None
+    spec = getattr(constraint, "spec", None)
+    if spec is None:
+        msg = (
+            "this request's constraint has no `spec`, so the other ranks of the "
+            "sharded model cannot rebuild it"
+        )
+        raise ValueError(msg)
+    return request, spec
