@@ -165,6 +165,7 @@ class MLXPipeline(LLM, EngineFields):
                 group=group,
                 distributed=self.distributed,
                 constraint_factory=constraint_from_spec,
+                distributed_timeout=self.distributed_timeout,
             )
             self.model = self._engine.model
             self.tokenizer = self._engine.tokenizer

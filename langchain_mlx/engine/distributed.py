@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.heartbeat import Heartbeat, leader_host
 from langchain_mlx.engine.types import (
     DistributedError,
     EngineOptions,
@@ -79,6 +80,7 @@ class Hello:
     mode: str
     vocab_size: int
     seed: int
+    heartbeat_port: int | None = None
 
 
 def check_mode(mode: str | None) -> None:
@@ -173,6 +175,10 @@ class StepSharing:
         self.tokenizer: Any = None
         self.closed_by_leader = False
         """A follower: rank 0 sent the end (exit 0); else the group broke."""
+        self.on_lost: Callable[[DistributedError], None] = lambda e: None
+        """Rank 0: called (on another thread) when a rank is gone."""
+        self.timeout = GROUP_TIMEOUT_SECONDS
+        self._heartbeat: Heartbeat | None = None
 
     # -- the exchange -----------------------------------------------------------
 
@@ -199,7 +205,7 @@ class StepSharing:
         except Exception as e:
             raise self.broken(e) from e
 
-    def broken(self, error: BaseException) -> DistributedError:
+    def broken(self, error: BaseException | str) -> DistributedError:
         """The error for a group that cannot go on."""
         return DistributedError(
             f"rank {self.rank} of the {self.size} ranks running {self.model!r} "
@@ -213,7 +219,10 @@ class StepSharing:
         import mlx.core as mx
 
         seed = int.from_bytes(os.urandom(4), "little")
-        mine = Hello(self.model, self.mode, vocab_size, seed)
+        host = leader_host()
+        heartbeat = Heartbeat(self._lost) if host is not None else None
+        port = heartbeat.listen() if heartbeat is not None and self.leader else None
+        mine = Hello(self.model, self.mode, vocab_size, seed, port)
         theirs = pickle.loads(  # rank 0 of our own group
             self._exchange(pickle.dumps(mine) if self.leader else None)
         )
@@ -226,6 +235,31 @@ class StepSharing:
             )
             raise DistributedError(msg)
         mx.random.seed(theirs.seed)  # unseeded sampling draws the same everywhere
+        if heartbeat is not None and theirs.heartbeat_port is not None:
+            self._heartbeat = heartbeat
+            if self.leader:
+                heartbeat.accept(self.size - 1, self.timeout)
+            else:
+                assert host is not None
+                heartbeat.connect(host, theirs.heartbeat_port, self.timeout)
+        else:
+            logger.warning(
+                "no rank 0 address in MLX_HOSTFILE: a rank that dies is noticed "
+                "only if MLX's collectives report it"
+            )
+
+    def _lost(self, why: str) -> None:
+        """The heartbeat ended without a goodbye: a rank is gone."""
+        if self.leader:
+            self.on_lost(self.broken(why))
+        else:
+            logger.error("%s", self.broken(why))
+            self.exit_follower(1)
+
+    def end(self) -> None:
+        """A clean end of the group (rank 0 closed the model)."""
+        if self._heartbeat is not None:
+            self._heartbeat.bye()
 
     def share(self, plan: StepPlan) -> StepPlan:
         """Rank 0: send `plan`. Others: the plan rank 0 sent (`plan` unused)."""

@@ -146,6 +146,7 @@ class Engine:
         self._sharing = sharing
         """Set on every rank of a sharded model (distributed.py)."""
         self._failure: BaseException | None = None  # why the worker stopped
+        self._handles: weakref.WeakSet[RequestHandle] = weakref.WeakSet()
         self._closing = False
         self._parked = threading.Event()
         self._scheduler: Scheduler | None = None
@@ -175,6 +176,7 @@ class Engine:
         group: Any = None,
         distributed: str | None = None,
         constraint_factory: Callable[[Any, Any], Any] | None = None,
+        distributed_timeout: float | None = None,
     ) -> Engine:
         """The engine for a model folder or hub id, loaded by `loader` on first use.
 
@@ -213,6 +215,8 @@ class Engine:
                 cls._one_sharded_engine(key)
                 sharing = StepSharing(group, model=name or path, mode=str(distributed))
                 sharing.constraint_factory = constraint_factory
+                if distributed_timeout is not None:
+                    sharing.timeout = distributed_timeout
             model, tokenizer = loader()
             engine = cls(
                 model,
@@ -518,6 +522,8 @@ class Engine:
             self._in_flight += 1
             number = next(self._numbers)
         handle = RequestHandle(self.check_alive, loop)
+        if self._sharing is not None:
+            self._handles.add(handle)  # to fail them if a rank dies
         return _Submission(handle, request, time.perf_counter(), number)
 
     def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
@@ -610,6 +616,7 @@ class Engine:
         self._scheduler = scheduler
         if sharing is not None:
             sharing.tokenizer = self.tokenizer
+            sharing.on_lost = self._group_lost
             self._guard_group(sharing.hello, int(self.tokenizer.vocab_size))
         while not self._closing:
             try:
@@ -634,6 +641,19 @@ class Engine:
 
             # the other ranks end too (exit 0)
             self._guard_group(sharing.share, StepPlan(close=True))
+            sharing.end()
+
+    def _group_lost(self, error: DistributedError) -> None:
+        """Rank 0 (heartbeat thread): a rank is gone; fail every reader now.
+
+        The worker may be blocked in a collective that never returns, so the
+        readers are told here, not by the worker.
+        """
+        self._failure = error
+        self._closing = True
+        for handle in list(self._handles):
+            handle._put(DistributedError(str(error)))
+        self._queue.put(None)
 
     def _guard_group(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a collective; a failure stops the engine with DistributedError."""
@@ -673,6 +693,8 @@ class Engine:
             )
         try:
             plan = self._guard_group(sharing.share, plan)
+            if self._failure is not None:  # lost meanwhile: the sum is not to trust
+                raise self._failure
         except DistributedError as e:
             for s in mine.values():  # taken from the queue, not yet scheduled
                 s.handle._put(DistributedError(str(e)))
@@ -680,6 +702,7 @@ class Engine:
             raise
         if plan.close:
             sharing.closed_by_leader = True
+            sharing.end()
             return False
         self._apply_plan(scheduler, plan, mine)
         scheduler.step(gone=plan.gone)

@@ -578,11 +578,17 @@ def write_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    dtype: str = "bfloat16",
 ) -> Path:
     """A random-weight llama with a real tokenizer in ``folder`` (see `tiny.py`)."""
     from langchain_mlx.models.tiny import write_tiny_model as write
 
     source = prepare_tokenizer(tokenizer_name)
     return write(
-        folder, source, hidden_size=hidden_size, num_layers=num_layers, seed=seed
+        folder,
+        source,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        seed=seed,
+        dtype=dtype,
     )

@@ -21,12 +21,14 @@ def write_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    dtype: str = "bfloat16",
 ) -> Path:
     """Write a random-weight llama model with a real tokenizer into ``folder``.
 
     The tokenizer files are copied from ``source``; the weights are
-    bfloat16, embeddings tied, head size 16 (``hidden_size`` must be a multiple of
-    32). ``mlx_lm.load(folder)`` loads it in well under a second: the fixture for
+    bfloat16 (or ``dtype``, e.g. "float32": sharded sums then round alike),
+    embeddings tied, head size 16 (``hidden_size`` must be a multiple of 32).
+    ``mlx_lm.load(folder)`` loads it in well under a second: the fixture for
     fast tests of plumbing, stop strings, batching and caching. Returns ``folder``.
     """
     import mlx.core as mx
@@ -67,7 +69,7 @@ def write_tiny_model(
         "vocab_size": vocab_size,
         "tie_word_embeddings": True,
         "hidden_act": "silu",
-        "torch_dtype": "bfloat16",
+        "torch_dtype": dtype,
         "bos_token_id": bos,
         "eos_token_id": stop_token_ids(eos, tokenizer.token_to_id),
     }
@@ -85,15 +87,14 @@ def write_tiny_model(
             p + "mlp.up_proj.weight": (intermediate, hidden_size),
             p + "mlp.down_proj.weight": (hidden_size, intermediate),
         }
+    mx_dtype = getattr(mx, dtype)
     weights = {
-        key: mx.array(rng.normal(0.0, 0.02, shape).astype(np.float32)).astype(
-            mx.bfloat16
-        )
+        key: mx.array(rng.normal(0.0, 0.02, shape).astype(np.float32)).astype(mx_dtype)
         for key, shape in shapes.items()
     }
     norms = [f"model.layers.{i}.{n}" for i in range(num_layers) for n in _NORMS]
     for key in [*norms, "model.norm.weight"]:
-        weights[key] = mx.ones((hidden_size,), dtype=mx.bfloat16)
+        weights[key] = mx.ones((hidden_size,), dtype=mx_dtype)
     mx.save_safetensors(
         str(folder / "model.safetensors"), weights, metadata={"format": "mlx"}
     )
