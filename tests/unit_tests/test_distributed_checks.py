@@ -62,7 +62,7 @@ def test_what_cannot_be_sent_to_other_ranks_is_refused() -> None:
         shareable_request(
             Request(
                 prompt_ids=[1], settings=settings, logits_processors=[lambda t, x: x]
-            )  # fmt: skip
+            )
         )
 
 
