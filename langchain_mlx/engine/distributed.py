@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -101,8 +102,11 @@ _group_lock = threading.Lock()
 def join_group(timeout: float = GROUP_TIMEOUT_SECONDS) -> Any:
     """The process's MLX distributed group (size 1 outside `mlx.launch`).
 
-    Formed once per process. Raises `DistributedError` if the other ranks do
-    not connect within `timeout` seconds.
+    Formed once per process. `mx.distributed.init` waits for the other ranks
+    without a timeout and without releasing the GIL, so no thread of this
+    process can give up on it: a small watchdog process does. If the group
+    has not formed after `timeout` seconds it prints why and ends this
+    process. A rank that cannot connect raises `DistributedError`.
     """
     global _group
     with _group_lock:
@@ -113,31 +117,53 @@ def join_group(timeout: float = GROUP_TIMEOUT_SECONDS) -> Any:
         if not _launched():
             _group = mx.distributed.init()  # a group of one
             return _group
-        box: dict[str, Any] = {}
-
-        def init() -> None:
-            try:
-                box["group"] = mx.distributed.init(strict=True)
-            except Exception as e:  # reported below
-                box["error"] = e
-
-        thread = threading.Thread(target=init, name="mlx-distributed-init")
-        thread.daemon = True
-        thread.start()
-        thread.join(timeout)
-        if "group" in box:
-            _group = box["group"]
-            return _group
         rank = os.environ.get("MLX_RANK", "?")
-        cause = box.get("error")
-        what = f"failed: {cause}" if cause else f"timed out after {timeout:g} s"
-        msg = (
-            f"rank {rank} could not form the MLX distributed group ({what}). "
+        advice = (
             "Start every rank (e.g. `mlx.launch --backend ring -n 2 --python "
             "<python> app.py`, or with a hostfile for several machines), check "
             "that they reach each other, or raise distributed_timeout."
         )
-        raise DistributedError(msg) from cause
+        watchdog = _watchdog(
+            timeout,
+            f"langchain-mlx: rank {rank} could not form the MLX distributed group "
+            f"within {timeout:g} s (distributed_timeout); stopping it. {advice}",
+        )
+        try:
+            _group = mx.distributed.init(strict=True)
+        except Exception as e:
+            msg = (
+                f"rank {rank} could not form the MLX distributed group ({e}). {advice}"
+            )
+            raise DistributedError(msg) from e
+        finally:
+            if watchdog.stdin is not None:
+                watchdog.stdin.close()  # formed or failed: the watchdog leaves
+            watchdog.wait()
+        return _group
+
+
+_WATCHDOG = """
+import os, select, signal, sys, time
+pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+ready, _, _ = select.select([sys.stdin], [], [], timeout)
+if not ready:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(3)
+"""
+
+
+def _watchdog(timeout: float, message: str) -> subprocess.Popen[bytes]:
+    """A process that ends this one after `timeout` s unless its stdin closes."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+        stdin=subprocess.PIPE,
+    )
 
 
 def _launched() -> bool:

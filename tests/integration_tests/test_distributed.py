@@ -236,7 +236,7 @@ def test_other_ranks_exit_when_rank_0_dies(tiny32: str, tmp_path: Path) -> None:
 
 
 def test_forming_the_group_times_out(tiny32: str, tmp_path: Path) -> None:
-    # a hostfile of 2 ranks, only rank 0 started
+    # a hostfile of 2 ranks, only rank 0 started: MLX would wait forever
     start = _free_ports(2)
     hosts = tmp_path / "hosts2.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{start}"], [f"127.0.0.1:{start + 1}"]]))
@@ -246,7 +246,6 @@ def test_forming_the_group_times_out(tiny32: str, tmp_path: Path) -> None:
          "--timeout=3"],
         env=env, capture_output=True, text=True, timeout=WAIT,
     )  # fmt: skip
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "CONSTRUCT-ERROR DistributedError" in proc.stdout
-    assert "could not form the MLX distributed group" in proc.stdout
-    assert "timed out after 3 s" in proc.stdout
+    assert proc.returncode != 0
+    assert "rank 0 could not form the MLX distributed group within 3 s" in proc.stderr
+    assert "mlx.launch" in proc.stderr
