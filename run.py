@@ -98,6 +98,7 @@ def main() -> int:
             "bench_speed.py",
             "bench_agent_tools.py",
             "bench_tool_calls.py",
+            "bench_distributed.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")

@@ -218,6 +218,8 @@ class Engine:
                 if distributed_timeout is not None:
                     sharing.timeout = distributed_timeout
             model, tokenizer = loader()
+            if sharing is not None:
+                _log_memory(sharing, "loaded its part of the model")
             engine = cls(
                 model,
                 tokenizer,
@@ -278,6 +280,7 @@ class Engine:
         self._parked.wait()
         sharing = self._sharing
         assert sharing is not None
+        _log_memory(sharing, "stops")
         if not sharing.closed_by_leader:
             logger.error("%s", self._failure or "the sharded engine stopped")
         sharing.exit_follower(0 if sharing.closed_by_leader else 1)
@@ -795,6 +798,16 @@ class Engine:
                 item = self._queue.get_nowait()
         except queue.Empty:
             return taken
+
+
+def _log_memory(sharing: StepSharing, what: str) -> None:
+    import mlx.core as mx
+
+    logger.info(
+        "rank %d of %d %s: %.1f MB active, %.1f MB peak",
+        sharing.rank, sharing.size, what,
+        mx.get_active_memory() / 1e6, mx.get_peak_memory() / 1e6,
+    )  # fmt: skip
 
 
 # -- engines alive in this process: closed at interpreter exit -------------------
