@@ -205,6 +205,7 @@ class StepSharing:
         """Rank 0: called (on another thread) when a rank is gone."""
         self.timeout = GROUP_TIMEOUT_SECONDS
         self._heartbeat: Heartbeat | None = None
+        self._chunk = -1  # the prefill step of the last plan sent or received
 
     # -- the exchange -----------------------------------------------------------
 
@@ -221,6 +222,8 @@ class StepSharing:
                     mx.array([n], dtype=mx.int64), group=self.group
                 )
                 n = int(np.asarray(size)[0])
+                if n == 0:  # nothing to say: one collective, not two
+                    return b""
                 data = (
                     mx.array(np.frombuffer(payload, dtype=np.uint8))
                     if payload is not None
@@ -290,6 +293,9 @@ class StepSharing:
     def share(self, plan: StepPlan) -> StepPlan:
         """Rank 0: send `plan`. Others: the plan rank 0 sent (`plan` unused)."""
         if self.leader:
+            if plan == StepPlan(prefill_chunk=self._chunk):
+                self._exchange(None)  # an ordinary step: "go on" is enough
+                return plan
             shareable = dataclasses.replace(
                 plan,
                 requests=[
@@ -298,11 +304,16 @@ class StepSharing:
                 ],
             )
             self._exchange(pickle.dumps(shareable))
+            self._chunk = plan.prefill_chunk
             return plan
-        received: StepPlan = pickle.loads(self._exchange(None))
+        payload = self._exchange(None)
+        if not payload:
+            return StepPlan(prefill_chunk=self._chunk)
+        received: StepPlan = pickle.loads(payload)
         received.requests = [
             (n, self._rebuild(r, spec), spec) for n, r, spec in received.requests
         ]
+        self._chunk = received.prefill_chunk
         return received
 
     def _rebuild(self, request: Request, spec: Any) -> Request:
