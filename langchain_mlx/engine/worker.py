@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_mlx.engine.group import hold_for_group
 from langchain_mlx.engine.handle import POLL_SECONDS, RequestHandle
+from langchain_mlx.engine.lockstep import Lockstep, log_memory
 from langchain_mlx.engine.model_facts import (
     caches_can_be_cut,
     canonical_path,
@@ -63,7 +64,7 @@ from langchain_mlx.engine.types import (
 )
 
 if TYPE_CHECKING:
-    from langchain_mlx.engine.distributed import StepPlan, StepSharing
+    from langchain_mlx.engine.distributed import StepSharing
     from langchain_mlx.engine.prefix_cache import PrefixCache
     from langchain_mlx.engine.scheduler import Scheduler
 
@@ -102,7 +103,7 @@ class _Task:
 _Item = list[_Submission] | _Task | None
 
 
-class Engine:
+class Engine(Lockstep):
     """Owns one loaded model and tokenizer and the thread that runs them."""
 
     _registry: dict[tuple[Any, ...], Engine] = {}  # noqa: RUF012
@@ -219,7 +220,7 @@ class Engine:
                     sharing.timeout = distributed_timeout
             model, tokenizer = loader()
             if sharing is not None:
-                _log_memory(sharing, "loaded its part of the model")
+                log_memory(sharing, "loaded its part of the model")
             engine = cls(
                 model,
                 tokenizer,
@@ -274,16 +275,6 @@ class Engine:
                 "steps it in lockstep). Close it first."
             )
             raise ValueError(msg)
-
-    def _follow(self) -> None:
-        """A rank > 0: serve rank 0's steps, then end the process."""
-        self._parked.wait()
-        sharing = self._sharing
-        assert sharing is not None
-        _log_memory(sharing, "stops")
-        if not sharing.closed_by_leader:
-            logger.error("%s", self._failure or "the sharded engine stopped")
-        sharing.exit_follower(0 if sharing.closed_by_leader else 1)
 
     @property
     def sharded(self) -> tuple[int, int] | None:
@@ -618,9 +609,7 @@ class Engine:
         )
         self._scheduler = scheduler
         if sharing is not None:
-            sharing.tokenizer = self.tokenizer
-            sharing.on_lost = self._group_lost
-            self._guard_group(sharing.hello, int(self.tokenizer.vocab_size))
+            self._start_group(sharing)
         while not self._closing:
             try:
                 if sharing is not None:
@@ -640,93 +629,7 @@ class Engine:
                 error.__cause__ = e
                 scheduler.fail_all(error)
         if sharing is not None and sharing.leader and self._failure is None:
-            from langchain_mlx.engine.distributed import StepPlan
-
-            # the other ranks end too (exit 0)
-            self._guard_group(sharing.share, StepPlan(close=True))
-            sharing.end()
-
-    def _group_lost(self, error: DistributedError) -> None:
-        """Rank 0 (heartbeat thread): a rank is gone; fail every reader now.
-
-        The worker may be blocked in a collective that never returns, so the
-        readers are told here, not by the worker.
-        """
-        self._failure = error
-        self._closing = True
-        for handle in list(self._handles):
-            handle._put(DistributedError(str(error)))
-        self._queue.put(None)
-
-    def _guard_group(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a collective; a failure stops the engine with DistributedError."""
-        try:
-            return fn(*args)
-        except DistributedError as e:
-            self._failure = e
-            raise
-
-    def _step_shared(self, scheduler: Scheduler, sharing: StepSharing) -> bool:
-        """One worker iteration of a sharded model, the same on every rank.
-
-        Rank 0 turns what it received into a `StepPlan` and shares it; then
-        every rank applies the plan to its scheduler and steps. False: stop.
-        """
-        from langchain_mlx.engine.distributed import StepPlan, shareable_request
-
-        mine: dict[int, _Submission] = {}
-        plan = StepPlan()
-        if sharing.leader:
-            submissions = self._take_items(block=not scheduler.busy)
-            if self._closing:
-                for s in submissions:
-                    s.handle._put(self._stopped_error())
-                    self._request_done("error")
-                return False
-            mine = {s.number: s for s in submissions}
-            options = self._options
-            plan = StepPlan(
-                requests=[
-                    (s.number, s.request, shareable_request(s.request)[1])
-                    for s in submissions
-                ],
-                gone=scheduler.gone(),
-                prefill_chunk=scheduler.prefill_chunk,
-                options=options if options is not self._applied else None,
-            )
-        try:
-            plan = self._guard_group(sharing.share, plan)
-            if self._failure is not None:  # lost meanwhile: the sum is not to trust
-                raise self._failure
-        except DistributedError as e:
-            for s in mine.values():  # taken from the queue, not yet scheduled
-                s.handle._put(DistributedError(str(e)))
-                self._request_done("error")
-            raise
-        if plan.close:
-            sharing.closed_by_leader = True
-            sharing.end()
-            return False
-        self._apply_plan(scheduler, plan, mine)
-        scheduler.step(gone=plan.gone)
-        return True
-
-    def _apply_plan(
-        self, scheduler: Scheduler, plan: StepPlan, mine: dict[int, _Submission]
-    ) -> None:
-        """Admit the plan's requests and options (a follower's copies read nothing)."""
-        assert self._sharing is not None
-        if plan.options is not None:
-            self._options = plan.options
-        for number, request, _ in plan.requests:
-            s = mine.get(number)
-            if s is not None:
-                scheduler.add(s.handle, s.request, s.submitted, number)
-            else:
-                sink = self._sharing.sink()
-                scheduler.add(sink, request, time.perf_counter(), number)
-        self._apply_options(scheduler)
-        scheduler.prefill_chunk = plan.prefill_chunk
+            self._end_group(sharing)  # the other ranks end too (exit 0)
 
     def _shut_down(self) -> None:
         """End every request and free the model's memory."""
@@ -798,16 +701,6 @@ class Engine:
                 item = self._queue.get_nowait()
         except queue.Empty:
             return taken
-
-
-def _log_memory(sharing: StepSharing, what: str) -> None:
-    import mlx.core as mx
-
-    logger.info(
-        "rank %d of %d %s: %.1f MB active, %.1f MB peak",
-        sharing.rank, sharing.size, what,
-        mx.get_active_memory() / 1e6, mx.get_peak_memory() / 1e6,
-    )  # fmt: skip
 
 
 # -- engines alive in this process: closed at interpreter exit -------------------
