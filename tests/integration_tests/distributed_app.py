@@ -4,8 +4,9 @@
     mlx.launch --backend ring -n 2 --python PY distributed_app.py MODEL tensor OUT.json
 
 Rank 0 (or the only process) runs invoke, stream, async, four concurrent
-requests, stop strings, a forced tool call, structured output and a repeated
-prompt (prefix cache), and writes what it got to OUT.json. On the other ranks
+requests, stop strings, a forced tool call, structured output, a repeated
+prompt (prefix cache) and a stream its reader leaves (cancellation), and
+writes what it got to OUT.json. On the other ranks
 constructing the model never returns: they serve rank 0's engine and exit
 when it closes the model.
 """
@@ -99,6 +100,13 @@ def main() -> None:
         again = chat.invoke(QUESTION)
         result["again_usage"] = usage(again)
         result["finished"] = dict(chat.llm.engine.finished)  # type: ignore[union-attr]
+        # a reader that leaves mid-stream: every rank drops the request
+        for i, _ in enumerate(chat.stream("Tell me a long story.", max_tokens=200)):
+            if i == 2:
+                break
+        result["after_cancel"] = chat.invoke(QUESTION).content
+        engine = chat.llm.engine  # type: ignore[union-attr]
+        result["cancelled"] = engine.finished["cancelled"]
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     chat.close()  # the other ranks exit with status 0

@@ -110,6 +110,7 @@ def test_tiny_tensor_matches_one_process(tiny32: str, tmp_path: Path) -> None:
     assert sharded["tool_calls"][0]["name"] == "get_weather"
     assert sharded["structured"]["capital"] in {"Paris", "Rome", "Madrid"}
     assert sharded["again_usage"]["cached"] > 0  # the prefix cache, sharded
+    assert sharded["cancelled"] == 1  # and the engine went on after it
 
 
 @pytest.fixture(scope="module")
