@@ -6,7 +6,8 @@ One machine (2 ranks over loopback):
 
 Several Macs (the model and this script at the same path on each):
 
-    mlx.distributed_config --over ethernet --hosts mac1,mac2 --output hosts.json
+    mlx.distributed_config --over ethernet --hosts mac1,mac2 \
+        --output-hostfile hosts.json
     mlx.launch --hostfile hosts.json --backend ring examples/sharded_chat.py
 
 Rank 0 runs everything below the constructor; on the other ranks constructing

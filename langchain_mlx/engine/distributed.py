@@ -172,6 +172,7 @@ def _launched() -> bool:
     return bool(
         env.get("MLX_HOSTFILE")
         or env.get("MLX_JACCL_COORDINATOR")
+        or env.get("MLX_WORLD_SIZE")  # NCCL
         or env.get("OMPI_COMM_WORLD_SIZE")
         or env.get("PMI_SIZE")
     )

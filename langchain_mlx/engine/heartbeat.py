@@ -32,7 +32,7 @@ BYE = b"bye\n"
 
 
 def leader_host() -> str | None:
-    """Rank 0's address in the ring hostfile (`MLX_HOSTFILE`), if there is one."""
+    """Rank 0's address, as `mlx.launch` tells each rank (ring, JACCL, NCCL)."""
     path = os.environ.get("MLX_HOSTFILE")
     try:
         if path:
@@ -42,8 +42,10 @@ def leader_host() -> str | None:
             return str(first).rsplit(":", 1)[0]
     except (OSError, ValueError, IndexError, KeyError, TypeError):
         logger.debug("no rank 0 address in the hostfile", exc_info=True)
-    coordinator = os.environ.get("MLX_JACCL_COORDINATOR")
-    return coordinator.rsplit(":", 1)[0] if coordinator else None
+    coordinator = os.environ.get("MLX_JACCL_COORDINATOR")  # JACCL: rank 0's ip:port
+    if coordinator:
+        return coordinator.rsplit(":", 1)[0]
+    return os.environ.get("NCCL_HOST_IP") or None  # NCCL: rank 0's ip
 
 
 class Heartbeat:
