@@ -187,6 +187,12 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         streamed into `additional_kwargs["reasoning_content"]`, the answer into
         `content`.
 
+    Sharded over several machines:
+        `ChatMLX(model=..., distributed="tensor" | "pipeline")`, the same script
+        on every rank of `mlx.launch --backend ring -n 2 ... app.py`: rank 0
+        runs the app, the other ranks serve its engine steps and exit when it
+        closes the model (README: "A model sharded across machines").
+
     """
 
     llm: MLXPipeline | None = Field(default=None, exclude=True)
