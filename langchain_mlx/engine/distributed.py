@@ -291,6 +291,11 @@ class StepSharing:
         if self._heartbeat is not None:
             self._heartbeat.bye()
 
+    def abandon(self) -> None:
+        """Rank 0 gives up on a broken group: the other ranks end now (status 1)."""
+        if self._heartbeat is not None:
+            self._heartbeat.drop()
+
     def share(self, plan: StepPlan) -> StepPlan:
         """Rank 0: send `plan`. Others: the plan rank 0 sent (`plan` unused)."""
         if self.leader:
@@ -310,10 +315,14 @@ class StepSharing:
         payload = self._exchange(None)
         if not payload:
             return StepPlan(prefill_chunk=self._chunk)
-        received: StepPlan = pickle.loads(payload)
-        received.requests = [
-            (n, self._rebuild(r, spec), spec) for n, r, spec in received.requests
-        ]
+        try:  # a rank that cannot take the plan can no longer follow
+            received: StepPlan = pickle.loads(payload)
+            received.requests = [
+                (n, self._rebuild(r, spec), spec) for n, r, spec in received.requests
+            ]
+        except Exception as e:
+            msg = f"could not take rank 0's step ({e!r})"
+            raise self.broken(msg) from e
         self._chunk = received.prefill_chunk
         return received
 

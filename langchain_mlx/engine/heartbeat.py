@@ -109,6 +109,16 @@ class Heartbeat:
             self._ending.set()
             self._on_lost(why)
 
+    def drop(self) -> None:
+        """Give up on the group: close without a goodbye (the others end, status 1)."""
+        self._ending.set()
+        for conn in self._sockets:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
     def bye(self) -> None:
         """A clean end: tell the other side, so the closing is not a death."""
         self._ending.set()

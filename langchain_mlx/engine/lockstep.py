@@ -87,6 +87,8 @@ class Lockstep:
         """
         self._failure = error
         self._closing = True
+        if self._sharing is not None:
+            self._sharing.abandon()  # the ranks still alive end too
         for handle in list(self._handles):
             handle._put(DistributedError(str(error)))
         self._queue.put(None)

@@ -623,7 +623,11 @@ class Engine(Lockstep):
                     scheduler.step()
             except DistributedError:
                 raise  # the group is gone: the engine stops
-            except Exception as e:  # delivered to the callers, worker lives on
+            except Exception as e:
+                if sharing is not None:  # the ranks may no longer agree: stop all
+                    self._failure = sharing.broken(f"a step failed here: {e!r}")
+                    raise self._failure from e
+                # delivered to the callers, worker lives on
                 logger.exception("the MLX engine for %r failed a step", self.name)
                 error = RequestFailedError(f"the MLX engine failed a step: {e}")
                 error.__cause__ = e
@@ -633,6 +637,8 @@ class Engine(Lockstep):
 
     def _shut_down(self) -> None:
         """End every request and free the model's memory."""
+        if self._sharing is not None and self._failure is not None:
+            self._sharing.abandon()  # the other ranks must not wait for rank 0
         scheduler = self._scheduler
         try:
             if scheduler is not None:
