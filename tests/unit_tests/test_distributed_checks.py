@@ -11,7 +11,12 @@ from langchain_mlx import ChatMLX
 from langchain_mlx.engine.distributed import check_mode, shareable_request
 from langchain_mlx.engine.speculative import StepCosts
 from langchain_mlx.engine.types import GenerationSettings, Request
-from langchain_mlx.models.sharding import check_shardable, sharding_modes
+from langchain_mlx.models.sharding import (
+    _parts,
+    check_shardable,
+    sharding_modes,
+    uneven_split,
+)
 
 SMOLLM2 = {"model_type": "llama", "num_attention_heads": 9,
            "num_key_value_heads": 3, "num_hidden_layers": 30}  # fmt: skip
@@ -23,11 +28,25 @@ def test_mlx_lm_sharding_modes_by_architecture() -> None:
     assert sharding_modes("no-such-model") == ()
 
 
-def test_tensor_sharding_needs_a_group_size_that_divides_the_heads() -> None:
-    check_shardable(SMOLLM2, "tensor", 3, "smollm2")  # 3 heads, 1 KV head each
+def test_tensor_sharding_needs_a_key_value_head_per_rank() -> None:
+    check_shardable(SMOLLM2, "tensor", 3, "smollm2")  # mlx-lm's: 3 + 1 heads each
+    check_shardable(SMOLLM2, "tensor", 2, "smollm2")  # by head groups: 6+2, 3+1
+    assert uneven_split(SMOLLM2, 2)
+    assert not uneven_split(SMOLLM2, 3)  # even: mlx-lm's own split
     with pytest.raises(ValueError, match=r"9 attention heads and 3 key-value") as e:
-        check_shardable(SMOLLM2, "tensor", 2, "smollm2")
-    assert "possible: 1, 3" in str(e.value)
+        check_shardable(SMOLLM2, "tensor", 4, "smollm2")
+    assert "possible: 1, 2, 3" in str(e.value)
+    qwen = {"model_type": "qwen2", "num_attention_heads": 14, "num_key_value_heads": 2}
+    with pytest.raises(ValueError, match="same number of each") as e:
+        check_shardable(qwen, "tensor", 3, "qwen")  # only llama splits unevenly
+    assert "possible: 1, 2" in str(e.value)
+    assert "distributed='pipeline'" in str(e.value)
+
+
+def test_head_group_parts_cover_everything_once() -> None:
+    assert _parts(3, 2) == [(0, 2), (2, 3)]
+    assert _parts(1536, 2) == [(0, 768), (768, 1536)]
+    assert _parts(7, 3) == [(0, 3), (3, 5), (5, 7)]
 
 
 def test_a_mode_the_architecture_lacks_names_the_ones_it_has() -> None:
