@@ -1,9 +1,10 @@
 """A sharded model: every rank of an MLX distributed group runs the same engine.
 
-Under `mlx.launch` (ring, JACCL or MPI), each rank loads its part of the
-weights (mlx-lm's `sharded_load`, tensor or pipeline parallel) and starts the
-same `Engine`. Rank 0 runs the application; the other ranks never return from
-constructing the model: their worker executes the steps rank 0 decides.
+Under `mlx.launch` (ring, JACCL, NCCL or MPI), each rank loads its part of
+the weights (models/sharding.py: mlx-lm's `sharded_load`, tensor or pipeline
+parallel) and starts the same `Engine`. Rank 0 runs the application; the
+other ranks never return from constructing the model: their worker executes
+the steps rank 0 decides.
 
 Each worker iteration on rank 0 turns what it received into a `StepPlan` (new
 requests, the ones to drop, the prefill step size, changed options, or the
@@ -20,11 +21,14 @@ cost model instead of measured step times), the random seed (shared once).
 The plan travels on mlx-lm's generation stream, the stream the model runs on,
 so it is ordered with the model's own collectives on every rank.
 
-Failures: MLX's ring backend raises as soon as a peer's connection closes, so
-a rank that dies ends the others' current collective with an error; the
-engine then stops with `DistributedError` and the other ranks exit (status 1;
-0 when rank 0 closed the model or exited normally). Forming the group has a
-timeout (a missing rank would block `mx.distributed.init` forever).
+Failures: a rank's death is learnt from the heartbeat (heartbeat.py), not
+from the collectives, which MLX's ring backend may let return wrong sums or
+block after a death. Rank 0 then fails its readers with `DistributedError`;
+the other ranks exit (status 1; 0 when rank 0 closed the model or exited
+normally). A step that fails on any rank stops the group, since the ranks
+could no longer agree. Forming the group has a timeout, kept by a watchdog
+process (a missing rank blocks `mx.distributed.init` forever, GIL held).
+The sharded worker loop itself is in lockstep.py.
 """
 
 from __future__ import annotations
