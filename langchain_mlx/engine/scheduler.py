@@ -43,7 +43,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from langchain_mlx.engine.guards import (
@@ -54,6 +53,7 @@ from langchain_mlx.engine.guards import (
     timeout_error,
 )
 from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.live import Live, final_event, finish_reason
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
     common_length,
@@ -64,15 +64,13 @@ from langchain_mlx.engine.sampling import (
     make_request_sampler,
     request_processors,
 )
+from langchain_mlx.engine.solo_lane import SoloLane
 from langchain_mlx.engine.speculative import (
-    DraftModel,
     Solo,
-    SpeculationStats,
     StepCosts,
 )
 from langchain_mlx.engine.text import RequestText, token_logprob
 from langchain_mlx.engine.types import (
-    Final,
     LogitsProcessor,
     Request,
     RequestFailedError,
@@ -88,34 +86,7 @@ PREFILL_MIN, PREFILL_MAX = 8, 512  # prompt tokens per step
 SHARED_PREFIX_MIN = 16  # tokens worth prefilling once for several requests
 
 
-@dataclass(eq=False)
-class _Live:
-    """One request from submit to its `Final`."""
-
-    handle: RequestHandle
-    request: Request
-    submitted: float
-    number: int = -1  # the engine's submission number (shared by every rank)
-    uid: int = -1
-    admitted: float = 0.0
-    first: float | None = None
-    cached: int = 0
-    generated: int = 0
-    decoding: bool = False
-    waits_for: int | None = None  # uid of the sequence prefilling its start
-    checked: bool = False  # looked for a shared start already
-    error: BaseException | None = None
-    text: RequestText | None = None
-    last_token: int | None = None
-    stats: SpeculationStats | None = None  # while decoded alone
-
-    @property
-    def deadline(self) -> float | None:
-        timeout = self.request.settings.timeout
-        return None if timeout is None else self.submitted + timeout
-
-
-class Scheduler:
+class Scheduler(SoloLane):
     """Admission, the decode loop and delivery of events for one model."""
 
     def __init__(
@@ -149,8 +120,8 @@ class Scheduler:
             make_prompt_cache(model)
         )
         self._generator: Any = None
-        self._waiting: collections.deque[_Live] = collections.deque()
-        self._live: dict[int, _Live] = {}
+        self._waiting: collections.deque[Live] = collections.deque()
+        self._live: dict[int, Live] = {}
         self._jobs: set[int] = set()  # one-token sequences filling a shared prefix
         self._providers: dict[int, list[int]] = {}  # uid -> tokens others await
         self.largest_batch = 0
@@ -202,7 +173,7 @@ class Scheduler:
             import mlx.core as mx
 
             mx.reset_peak_memory()  # peak memory is reported per busy period
-        self._waiting.append(_Live(handle, request, submitted, number))
+        self._waiting.append(Live(handle, request, submitted, number))
 
     def step(self, gone: dict[int, str] | None = None) -> None:
         """Admit, sweep, advance the batch by one step, deliver events.
@@ -237,7 +208,7 @@ class Scheduler:
                 self._keep_checkpoint(p.uid)
             if p.end_of_prompt and p.uid in self._providers:
                 self._provide(p.uid)
-        to_remove: list[_Live] = []
+        to_remove: list[Live] = []
         for r in responses:
             live = self._live.get(r.uid)
             if live is not None:
@@ -347,7 +318,7 @@ class Scheduler:
             if not live.decoding
         }
         in_flight.update(self._providers)
-        alone: list[tuple[_Live, list[int], int]] = []
+        alone: list[tuple[Live, list[int], int]] = []
         for w in newcomers:
             w.checked = True
             prompt = list(w.request.prompt_ids)
@@ -420,7 +391,7 @@ class Scheduler:
         )
         return uid, cached
 
-    def _insert(self, live: _Live) -> None:
+    def _insert(self, live: Live) -> None:
         request = live.request
         settings = request.settings
         processors = [guarded(p, live) for p in request_processors(settings, request)]
@@ -433,7 +404,7 @@ class Scheduler:
         )
         self._track(live, uid, cached)
 
-    def _track(self, live: _Live, uid: int, cached: int) -> None:
+    def _track(self, live: Live, uid: int, cached: int) -> None:
         """A request is in: its text pipeline, counters and place in `_live`."""
         request = live.request
         settings = request.settings
@@ -448,96 +419,6 @@ class Scheduler:
         )
         self._live[uid] = live
         self.largest_batch = max(self.largest_batch, len(self._live))
-
-    # -- a request alone -------------------------------------------------------
-
-    def _solo_pays(self, request: Request) -> bool:
-        """Whether decoding `request` alone can skip work (forced or drafted tokens)."""
-        s = request.settings
-        drafts = s.num_draft_tokens > 0 and (
-            s.prompt_lookup or self.draft_model is not None
-        )
-        forced = s.fast_forward and request.constraint is not None
-        return drafts or forced
-
-    def _start_solo(self, live: _Live) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        request = live.request
-        settings = request.settings
-        prompt = list(request.prompt_ids)
-        cache, cached = self._prefix.fetch(prompt)
-        uid = self._solo_uids
-        self._solo_uids -= 1
-        solo = Solo(
-            self._model,
-            uid=uid,
-            prompt=prompt,
-            cache=cache if cache is not None else make_prompt_cache(self._model),
-            cached=cached,
-            max_tokens=settings.max_tokens,
-            sampler=guarded_sampler(make_request_sampler(settings), live),
-            processors=[
-                guarded(p, live) for p in request_processors(settings, request)
-            ],
-            stop_sequences=self._eos_stops,
-            constraint=request.constraint,
-            checkpoints=request.checkpoints,
-            fast_forward=settings.fast_forward,
-            lookup=settings.prompt_lookup,
-            num_draft_tokens=settings.num_draft_tokens,
-            draft_model=(
-                DraftModel(self.draft_model) if self.draft_model is not None else None
-            ),
-            costs=self._costs,
-            logprobs=settings.logprobs,
-            pipelined=settings.temperature == 0 or settings.seed is None,
-        )
-        live.stats = solo.stats
-        self._track(live, uid, cached)
-        self._solo = solo
-
-    def _step_solo(self, solo: Solo) -> None:
-        live = self._live[solo.uid]
-        tic = time.perf_counter()
-        try:
-            prompt_responses, responses = solo.next(self._prefill_chunk)
-        except Exception as e:  # e.g. a model failure: this request only
-            logger.debug("a solo step failed", exc_info=True)
-            self._solo = None
-            del self._live[solo.uid]
-            self._end(live, "error", error=request_error("decoding", e))
-            return
-        self._measure_prefill(prompt_responses, time.perf_counter() - tic)
-        if any(p.end_of_prompt for p in prompt_responses):
-            live.decoding = True
-        if any(p.end_of_segment and not p.end_of_prompt for p in prompt_responses):
-            self._store(list(solo.tokens), solo.cache, kind="user")  # a checkpoint
-        to_remove: list[_Live] = []
-        for r in responses:
-            if solo.uid not in self._live or to_remove:
-                break  # finished (e.g. a stop string) within this step
-            self._on_token(live, r, to_remove)
-        if solo.uid not in self._live:
-            self._solo = None
-        self._remove(to_remove)
-
-    def _solo_to_batch(self, solo: Solo) -> None:
-        """Move the lone request into the batch: its cache and what is not in it."""
-        self._solo = None
-        solo.settle()
-        live = self._live.pop(solo.uid)
-        (uid,) = self._ensure_generator().insert(
-            [solo.rest],
-            max_tokens=[solo.remaining],
-            caches=[solo.cache],
-            all_tokens=[solo.tokens],
-            samplers=[solo.sampler],
-            logits_processors=[solo.processors],
-            stop_sequences=[self._eos_stops],
-        )
-        live.uid = uid
-        self._live[uid] = live
 
     def gone(self) -> dict[int, str]:
         """Requests whose reader left ("cancelled") or whose time is up ("timeout")."""
@@ -566,7 +447,7 @@ class Scheduler:
 
     # -- delivery -------------------------------------------------------------
 
-    def _on_token(self, live: _Live, r: Any, to_remove: list[_Live]) -> None:
+    def _on_token(self, live: Live, r: Any, to_remove: list[Live]) -> None:
         if live.error is not None:  # its sampler or a logits processor failed
             to_remove.append(live)
             return
@@ -603,7 +484,7 @@ class Scheduler:
             return
         self._store(r.all_tokens, r.prompt_cache)
         del self._live[live.uid]
-        self._end(live, _finish_reason(live, finish))
+        self._end(live, finish_reason(live, finish))
 
     def _keep_checkpoint(self, uid: int) -> None:
         """A prompt reached one of its checkpoints: keep a copy of its KV state."""
@@ -623,7 +504,7 @@ class Scheduler:
         except Exception:
             logger.warning("could not keep a KV cache for reuse", exc_info=True)
 
-    def _remove(self, lives: list[_Live]) -> None:
+    def _remove(self, lives: list[Live]) -> None:
         """Take live requests out of the batch and finish them."""
         if not lives:
             return
@@ -660,7 +541,7 @@ class Scheduler:
                 self._end(live, "error", error=timeout_error(live, now))
 
     def _end(
-        self, live: _Live, reason: str, *, error: BaseException | None = None
+        self, live: Live, reason: str, *, error: BaseException | None = None
     ) -> None:
         """Send the request's last events and count it (never raises)."""
         try:
@@ -668,47 +549,9 @@ class Scheduler:
                 for segment in live.text.finish():
                     live.handle._put(segment)
             if error is None:
-                live.handle._put(self._final(live, reason))
+                live.handle._put(final_event(live, reason))
         except Exception as e:
             error = request_error("finishing it", e)
         if error is not None:
             live.handle._put(error)
         self._on_done("error" if error is not None else reason)
-
-    def _final(self, live: _Live, reason: str) -> Final:
-        import mlx.core as mx
-
-        end = time.perf_counter()
-        first = live.first if live.first is not None else end
-        n_prompt = len(live.request.prompt_ids)
-        n = live.generated
-        return Final(
-            finish_reason=reason,
-            prompt_tokens=n_prompt,
-            generation_tokens=n,
-            prompt_tps=(n_prompt - live.cached)
-            / max(first - (live.admitted or first), 1e-9),
-            generation_tps=(n - 1) / (end - first) if n > 1 else 0.0,
-            time_to_first_token=first - live.submitted,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            cached_tokens=live.cached,
-            constrained=live.request.constraint is not None,
-            forced_tokens=live.stats.forced if live.stats else 0,
-            drafted_tokens=live.stats.drafted if live.stats else 0,
-            accepted_tokens=live.stats.accepted if live.stats else 0,
-        )
-
-
-def _finish_reason(live: _Live, finish: str) -> str:
-    """The finish reason: "length" only when the output is really cut.
-
-    A grammar may be complete exactly at `max_tokens`.
-    """
-    constraint = live.request.constraint
-    if finish == "length" and constraint is not None and live.last_token is not None:
-        try:
-            if constraint.complete_after(live.last_token):
-                return "stop"
-        except Exception:  # the grammar's state is unknown: say it was cut
-            logger.debug("constraint state unknown", exc_info=True)
-    return finish
