@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.types import DistributedError, EngineOptions
@@ -43,6 +43,8 @@ class Lockstep:
     _options: EngineOptions
     _applied: EngineOptions | None
     _parked: threading.Event
+    _registry: ClassVar[dict[tuple[Any, ...], Any]]
+    _registry_lock: ClassVar[threading.Lock]
 
     def _take_items(self, *, block: bool) -> list[Any]:
         raise NotImplementedError
@@ -55,6 +57,28 @@ class Lockstep:
 
     def _apply_options(self, scheduler: Scheduler) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def _one_sharded_engine(cls, key: tuple[Any, ...]) -> None:
+        """Raise unless no other sharded engine runs (their steps would interleave)."""
+        with cls._registry_lock:
+            others = [
+                e for k, e in cls._registry.items()
+                if k != key and e._sharing is not None and e.alive
+            ]  # fmt: skip
+        if others:
+            msg = (
+                f"the sharded model {others[0].name!r} is already running in this "
+                "process; one sharded model per process is supported (every rank "
+                "steps it in lockstep). Close it first."
+            )
+            raise ValueError(msg)
+
+    @property
+    def sharded(self) -> tuple[int, int] | None:
+        """(rank, group size) when this engine runs a sharded model, else None."""
+        sharing = self._sharing
+        return None if sharing is None else (sharing.rank, sharing.size)
 
     def _start_group(self, sharing: StepSharing) -> None:
         """First step of every rank: agree on the model, seed and heartbeat."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from langchain_mlx.engine.types import ContextWindowExceededError
+
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_ctx",
                  "seq_length", "context_length", "max_seq_len")  # fmt: skip
 
@@ -30,3 +32,24 @@ def caches_can_be_cut(model: Any) -> bool:
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
     return bool(can_trim_prompt_cache(make_prompt_cache(model)))
+
+
+def check_context(
+    limit: int | None, name: str, prompt_tokens: int, max_tokens: int
+) -> None:
+    """Raise `ContextWindowExceededError` unless prompt + max_tokens fit `limit`."""
+    if limit is None or prompt_tokens + max_tokens <= limit:
+        return
+    if prompt_tokens >= limit:
+        advice = (
+            "shorten the conversation (drop or summarise old turns, trim tool "
+            "results, use fewer or smaller tools/schemas)"
+        )
+    else:
+        advice = f"lower max_tokens to at most {limit - prompt_tokens}"
+    msg = (
+        f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+        f"{prompt_tokens + max_tokens} tokens do not fit the context window of "
+        f"{name!r} ({limit} tokens); {advice}"
+    )
+    raise ContextWindowExceededError(msg)

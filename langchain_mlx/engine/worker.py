@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import functools
 import itertools
 import json
@@ -40,21 +39,21 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from langchain_mlx.engine.configuration import Configuration, Loader
 from langchain_mlx.engine.group import hold_for_group
-from langchain_mlx.engine.handle import POLL_SECONDS, RequestHandle
+from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.lockstep import Lockstep, log_memory
 from langchain_mlx.engine.model_facts import (
     caches_can_be_cut,
     canonical_path,
+    check_context,
     context_length_of,
 )
+from langchain_mlx.engine.prefix_tasks import PrefixTasks, Task
 from langchain_mlx.engine.types import (
-    ENGINE_OPTION_NAMES,
-    ContextWindowExceededError,
     DistributedError,
     EngineOptions,
     EngineOverloadedError,
@@ -70,8 +69,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[], tuple[Any, Any]]
-
 _CLOSE_WAIT_SECONDS = 5.0  # close(): how long to wait for the current step
 _EXIT_WAIT_SECONDS = 1.0  # at interpreter exit
 
@@ -84,30 +81,14 @@ class _Submission:
     number: int
 
 
-@dataclass(frozen=True)
-class _Task:
-    """A function to run on the worker thread (e.g. saving a prefix)."""
-
-    fn: Callable[[], Any]
-    future: concurrent.futures.Future[Any]
-
-    def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return
-        try:
-            self.future.set_result(self.fn())
-        except Exception as e:
-            self.future.set_exception(e)
+_Item = list[_Submission] | Task | None
 
 
-_Item = list[_Submission] | _Task | None
-
-
-class Engine(Lockstep):
+class Engine(Configuration, Lockstep, PrefixTasks):
     """Owns one loaded model and tokenizer and the thread that runs them."""
 
-    _registry: dict[tuple[Any, ...], Engine] = {}  # noqa: RUF012
-    _registry_lock = threading.Lock()
+    _registry: ClassVar[dict[tuple[Any, ...], Engine]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
     _loading: dict[tuple[Any, ...], threading.Lock] = {}  # noqa: RUF012
 
     def __init__(
@@ -260,42 +241,6 @@ class Engine(Lockstep):
 
     _key: tuple[Any, ...] | None = None
 
-    @classmethod
-    def _one_sharded_engine(cls, key: tuple[Any, ...]) -> None:
-        """Raise unless no other sharded engine runs (their steps would interleave)."""
-        with cls._registry_lock:
-            others = [
-                e for k, e in cls._registry.items()
-                if k != key and e._sharing is not None and e.alive
-            ]  # fmt: skip
-        if others:
-            msg = (
-                f"the sharded model {others[0].name!r} is already running in this "
-                "process; one sharded model per process is supported (every rank "
-                "steps it in lockstep). Close it first."
-            )
-            raise ValueError(msg)
-
-    @property
-    def sharded(self) -> tuple[int, int] | None:
-        """(rank, group size) when this engine runs a sharded model, else None."""
-        sharing = self._sharing
-        return None if sharing is None else (sharing.rank, sharing.size)
-
-    def require_options(self, options: dict[str, Any] | None) -> None:
-        """Raise ValueError if `options` (None: any) differ from this engine's."""
-        asked = {k: v for k, v in (options or {}).items() if v is not None}
-        differ = {k: v for k, v in asked.items() if getattr(self._options, k) != v}
-        if differ:
-            now = {k: getattr(self._options, k) for k in differ}
-            msg = (
-                f"the MLX engine for {self.name!r} is already running with {now}; "
-                f"it is shared by every object that uses this model, so {differ} "
-                "cannot apply. Pass the options where the model is first loaded, "
-                "or change them for everyone with `.engine.configure(...)`."
-            )
-            raise ValueError(msg)
-
     # -- lifecycle ------------------------------------------------------------
 
     @property
@@ -352,71 +297,6 @@ class Engine(Lockstep):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- configuration ----------------------------------------------------------
-
-    @property
-    def options(self) -> EngineOptions:
-        """The current batching and caching options."""
-        return self._options
-
-    def configure(self, **options: int | None) -> None:
-        """Change some `EngineOptions` for every user of this model (None: keep).
-
-        Takes effect before the worker's next step.
-        """
-        unknown = set(options) - set(ENGINE_OPTION_NAMES)
-        if unknown:
-            msg = (
-                f"unknown engine option(s) {sorted(unknown)}; "
-                f"accepted: {', '.join(ENGINE_OPTION_NAMES)}"
-            )
-            raise ValueError(msg)
-        changes = {k: v for k, v in options.items() if v is not None}
-        if not changes:
-            return
-        with self._lock:
-            updated = replace(self._options, **changes)
-            updated.validate()
-            self._options = updated
-
-    def use_draft_model(self, path: str, loader: Loader) -> None:
-        """Draft tokens with a small model of the same tokenizer (speculation).
-
-        Loaded once by `loader`; the engine is shared, so asking for another
-        draft model once one is in use raises `ValueError`.
-        """
-        key = canonical_path(path)
-        if self._sharing is not None:
-            msg = (
-                "draft models are not supported on a sharded model (as in "
-                "mlx_lm.server); prompt lookup (prompt_lookup=True) still drafts"
-            )
-            raise ValueError(msg)
-        with self._lock:
-            if self._draft_key == key:
-                return
-            if self._draft_key is not None:
-                msg = (
-                    f"the MLX engine for {self.name!r} already drafts with "
-                    f"{self._draft_key!r}; it is shared by every object that uses "
-                    "this model, so it cannot switch to another draft model"
-                )
-                raise ValueError(msg)
-            model, tokenizer = loader()
-            ours, theirs = self.tokenizer.vocab_size, tokenizer.vocab_size
-            if ours != theirs:
-                msg = (
-                    f"draft model {path!r} has a vocabulary of {theirs} tokens, the "
-                    f"model {self.name!r} {ours}: a draft model must use the same "
-                    "tokenizer (pick one from the same family)"
-                )
-                raise ValueError(msg)
-            self._draft_key = key
-            self._draft = model
-
-    _draft_key: str | None = None
-    _draft: Any = None
-
     # -- requests ---------------------------------------------------------------
 
     @functools.cached_property
@@ -430,22 +310,7 @@ class Engine(Lockstep):
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise `ContextWindowExceededError` unless prompt + max_tokens fit."""
-        limit = self.context_length
-        if limit is None or prompt_tokens + max_tokens <= limit:
-            return
-        if prompt_tokens >= limit:
-            advice = (
-                "shorten the conversation (drop or summarise old turns, trim tool "
-                "results, use fewer or smaller tools/schemas)"
-            )
-        else:
-            advice = f"lower max_tokens to at most {limit - prompt_tokens}"
-        msg = (
-            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-            f"{prompt_tokens + max_tokens} tokens do not fit the context window of "
-            f"{self.name!r} ({limit} tokens); {advice}"
-        )
-        raise ContextWindowExceededError(msg)
+        check_context(self.context_length, self.name, prompt_tokens, max_tokens)
 
     def submit(
         self, request: Request, *, loop: asyncio.AbstractEventLoop | None = None
@@ -520,54 +385,10 @@ class Engine(Lockstep):
             self._handles.add(handle)  # to fail them if a rank dies
         return _Submission(handle, request, time.perf_counter(), number)
 
-    def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
-        """Write the KV state of `prompt_ids` to `path` (`.safetensors`).
-
-        Runs on the worker between decode steps (live streams pause while the
-        prefix is prefilled). Returns the number of tokens saved.
-        """
-        ids = list(prompt_ids)
-        self.check_fits(len(ids), 0)
-
-        def save() -> int:
-            return self.prefix_cache.save(path, self.model, ids, name=self.name)
-
-        return int(self._call(save))
-
-    def load_prefix(self, path: str | Path) -> int:
-        """Load a prefix written by `save_prefix` into the prefix cache.
-
-        Later prompts that start with it skip prefilling it. Returns its length
-        in tokens.
-        """
-        return len(self._call(lambda: self.prefix_cache.load(path, self.model)))
-
-    def clear_prefix_cache(self) -> None:
-        """Drop every cached prefix (waits for the worker to do it)."""
-        self._call(self.prefix_cache.clear)
-
     @property
     def largest_batch(self) -> int:
         """The most requests this engine has decoded together so far."""
         return self._scheduler.largest_batch if self._scheduler is not None else 0
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the worker thread and return its result."""
-        self.check_alive()
-        if self._sharing is not None:
-            msg = (
-                f"{self.name!r} is sharded across {self._sharing.size} ranks: saving, "
-                "loading or clearing prefixes is not supported there (each rank "
-                "holds only its part of the KV state)"
-            )
-            raise NotImplementedError(msg)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put(_Task(fn, future))
-        while True:
-            try:
-                return future.result(timeout=POLL_SECONDS)
-            except concurrent.futures.TimeoutError:
-                self.check_alive()
 
     def _request_done(self, reason: str) -> None:
         """Called by the worker when a request has sent its last event."""
@@ -666,7 +487,7 @@ class Engine(Lockstep):
         try:
             while True:
                 item = self._queue.get_nowait()
-                if isinstance(item, _Task):
+                if isinstance(item, Task):
                     item.future.set_exception(self._stopped_error())
                 elif item is not None:
                     for s in item:
@@ -700,7 +521,7 @@ class Engine(Lockstep):
         try:
             item = self._queue.get() if block else self._queue.get_nowait()
             while True:
-                if isinstance(item, _Task):
+                if isinstance(item, Task):
                     item.run()
                 elif item is not None:
                     taken.extend(item)
