@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from langchain_core.language_models import LangSmithParams
 from pydantic import BaseModel, Field
 
 from langchain_mlx.engine.types import (
@@ -138,3 +139,23 @@ class SamplingFields(BaseModel):
         """The fields that are set, by `GenerationSettings` name."""
         names = SamplingFields.model_fields
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def ls_params(
+    model: str,
+    settings: GenerationSettings,
+    stop: list[str] | None,
+    kwargs: Mapping[str, Any],
+) -> LangSmithParams:
+    """LangSmith's tracing parameters of a chat call (per-call values first)."""
+    params = LangSmithParams(
+        ls_provider="mlx",
+        ls_model_name=str(kwargs.get("model") or model),
+        ls_model_type="chat",
+        ls_temperature=kwargs.get("temperature", settings.temperature),
+        ls_max_tokens=kwargs.get("max_tokens", settings.max_tokens),
+    )
+    ls_stop = stop or kwargs.get("stop") or list(settings.stop)
+    if ls_stop:
+        params["ls_stop"] = ls_stop
+    return params

@@ -48,7 +48,7 @@ from langchain_mlx._call import (
     with_last_message_checkpoint,
 )
 from langchain_mlx._output import ChunkAssembler
-from langchain_mlx._settings import SamplingFields, call_settings
+from langchain_mlx._settings import SamplingFields, call_settings, ls_params
 from langchain_mlx._structured import (
     check_method,
     output_parser,
@@ -188,10 +188,8 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         `content`.
 
     Sharded over several machines:
-        `ChatMLX(model=..., distributed="tensor" | "pipeline")`, the same script
-        on every rank of `mlx.launch --backend ring -n 2 ... app.py`: rank 0
-        runs the app, the other ranks serve its engine steps and exit when it
-        closes the model (README: "A model sharded across machines").
+        `distributed="tensor" | "pipeline"`, the same script on every rank of
+        `mlx.launch`: see the `distributed` field and the README.
 
     """
 
@@ -282,17 +280,7 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         settings = self._pipeline.default_settings.with_overrides(
             self._field_settings()
         )
-        params = LangSmithParams(
-            ls_provider="mlx",
-            ls_model_name=str(kwargs.get("model") or self.model),
-            ls_model_type="chat",
-            ls_temperature=kwargs.get("temperature", settings.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", settings.max_tokens),
-        )
-        ls_stop = stop or kwargs.get("stop") or list(settings.stop)
-        if ls_stop:
-            params["ls_stop"] = ls_stop
-        return params
+        return ls_params(str(self.model), settings, stop, kwargs)
 
     # -- one generation path -------------------------------------------------
 

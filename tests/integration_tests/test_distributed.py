@@ -92,6 +92,14 @@ def assert_all_ranks_exited_cleanly(log: str, n: int = 2) -> None:
         assert f"Node with rank {rank} completed" in log, log[-3000:]
 
 
+def launch_ok(model: str, mode: str, out: Path, *flags: str) -> dict[str, Any]:
+    """Rank 0's results of a run in which every rank ended cleanly."""
+    result, log = launch(model, mode, out, *flags)
+    assert_all_ranks_exited_cleanly(log)
+    assert result is not None, log[-3000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("dist") / "tiny-f32"
@@ -100,9 +108,7 @@ def tiny32(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_tiny_tensor_matches_one_process(tiny32: str, tmp_path: Path) -> None:
     single = run_plain(tiny32, tmp_path / "single.json")
-    sharded, log = launch(tiny32, "tensor", tmp_path / "tensor.json")
-    assert_all_ranks_exited_cleanly(log)
-    assert sharded is not None, log[-3000:]
+    sharded = launch_ok(tiny32, "tensor", tmp_path / "tensor.json")
     assert single.pop("sharded") is None
     assert sharded.pop("sharded") == [0, 2]
     assert sharded == single  # every answer, usage, cache reuse, finish counts
@@ -126,9 +132,7 @@ def qwen_single(qwen: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 def test_qwen_pipeline_matches_one_process(
     qwen: str, qwen_single: dict[str, Any], tmp_path: Path
 ) -> None:
-    sharded, log = launch(qwen, "pipeline", tmp_path / "pipe.json", "--quick")
-    assert_all_ranks_exited_cleanly(log)
-    assert sharded is not None, log[-3000:]
+    sharded = launch_ok(qwen, "pipeline", tmp_path / "pipe.json", "--quick")
     assert sharded.pop("sharded") == [0, 2]
     single = {k: v for k, v in qwen_single.items() if k != "sharded"}
     assert sharded == single
@@ -139,9 +143,7 @@ def test_qwen_pipeline_matches_one_process(
 def test_qwen_tensor_agrees_with_one_process(
     qwen: str, qwen_single: dict[str, Any], tmp_path: Path
 ) -> None:
-    sharded, log = launch(qwen, "tensor", tmp_path / "tensor.json", "--quick")
-    assert_all_ranks_exited_cleanly(log)
-    assert sharded is not None, log[-3000:]
+    sharded = launch_ok(qwen, "tensor", tmp_path / "tensor.json", "--quick")
     assert sharded["tool_calls"] == qwen_single["tool_calls"]
     assert "Paris" in str(sharded["invoke"])
     assert sharded["largest_batch"] == 4
@@ -156,9 +158,7 @@ def test_smollm2_tensor_over_two_ranks_by_head_groups(tmp_path: Path) -> None:
     # 9 heads, 3 key-value heads: mlx-lm's split cannot, head groups (6+2, 3+1) can
     smollm2 = str(prepare_model("smollm2-135m-instruct"))
     single = run_plain(smollm2, tmp_path / "single.json", "--quick")
-    sharded, log = launch(smollm2, "tensor", tmp_path / "tensor.json", "--quick")
-    assert_all_ranks_exited_cleanly(log)
-    assert sharded is not None, log[-3000:]
+    sharded = launch_ok(smollm2, "tensor", tmp_path / "tensor.json", "--quick")
     assert sharded["invoke"] == single["invoke"] == "The capital of France is Paris."
     assert sharded["stream"] == sharded["invoke"]
     assert sharded["tool_calls"] == single["tool_calls"]
