@@ -242,8 +242,9 @@ def main() -> None:
         lines.append(
             f"| {w} ({runs[w]['n']} tokens) | {tps['raw']:.2f} | {tps['off']:.2f} "
             f"| {tps['on']:.2f} | {tps['on'] / tps['raw']:.2f}× "
-            f"| {tps['on'] / tps['off']:.2f}× | {meta['forced_tokens']:.0f} "
+            f"| {tps['on'] / tps['off']:.2f}× "
             f"| {statistics.median(pairs):.2f}× ({pairs[0]:.2f}–{pairs[-1]:.2f}) "
+            f"| {meta['forced_tokens']:.0f} "
             f"| {meta['drafted_tokens']:.0f}/{meta['accepted_tokens']:.0f} | {ident} |\n"
         )
     note = " **No switches: off and on ran the same.**" if args.no_switches else ""
