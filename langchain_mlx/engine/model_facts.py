@@ -53,3 +53,31 @@ def check_context(
         f"{name!r} ({limit} tokens); {advice}"
     )
     raise ContextWindowExceededError(msg)
+
+
+def output_head(model: Any) -> Any:
+    """The model's output layer if its logits are exactly `head(model.model(x))`.
+
+    With it a forward pass computes logits only where they are used: a pass
+    that feeds grammar-forced tokens needs them at its last position. The
+    output layer is a large part of a small model (a fifth of SmolLM2-135M's
+    weights, over a quarter of Qwen2.5-0.5B's). Checked on a probe token, so a
+    family whose last step does more (logit scaling, soft-capping) keeps full
+    passes. None when it cannot be split off.
+    """
+    import mlx.core as mx
+
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        head = getattr(embed, "as_linear", None)
+    else:
+        head = getattr(model, "lm_head", None)
+    if not callable(inner) or not callable(head):
+        return None
+    try:
+        probe = mx.array([[0]])
+        same = mx.array_equal(model(probe), head(inner(probe, cache=None)))
+        return head if bool(same.item()) else None
+    except Exception:  # another calling convention: keep full passes
+        return None

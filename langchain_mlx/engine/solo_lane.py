@@ -13,6 +13,7 @@ from typing import Any
 
 from langchain_mlx.engine.guards import guarded, guarded_sampler, request_error
 from langchain_mlx.engine.live import Live
+from langchain_mlx.engine.model_facts import output_head
 from langchain_mlx.engine.prefix_cache import PrefixCache
 from langchain_mlx.engine.sampling import make_request_sampler, request_processors
 from langchain_mlx.engine.speculative import DraftModel, Solo, StepCosts
@@ -32,8 +33,14 @@ class SoloLane:
     _solo: Solo | None
     _solo_uids: int
     _costs: StepCosts
-    _prefill_chunk: int
+    _split_head: bool
+    _head: Any
     draft_model: Any
+
+    @property
+    def solo_prefill_chunk(self) -> int:
+        """Prompt tokens per prefill step of a lone request (Scheduler)."""
+        raise NotImplementedError
 
     def _ensure_generator(self) -> Any:
         raise NotImplementedError
@@ -99,16 +106,24 @@ class SoloLane:
             costs=self._costs,
             logprobs=settings.logprobs,
             pipelined=settings.temperature == 0 or settings.seed is None,
+            head=self._output_head,
         )
         live.stats = solo.stats
         self._track(live, uid, cached)
         self._solo = solo
 
+    def _output_head(self) -> Any:
+        """The model's output layer when passes can skip it (probed at first use)."""
+        if self._split_head:
+            self._split_head = False
+            self._head = output_head(self._model)
+        return self._head
+
     def _step_solo(self, solo: Solo) -> None:
         live = self._live[solo.uid]
         tic = time.perf_counter()
         try:
-            prompt_responses, responses = solo.next(self._prefill_chunk)
+            prompt_responses, responses = solo.next(self.solo_prefill_chunk)
         except Exception as e:  # e.g. a model failure: this request only
             logger.debug("a solo step failed", exc_info=True)
             self._solo = None

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,8 +229,11 @@ class Solo:
         costs: StepCosts,
         logprobs: bool,
         pipelined: bool = True,
+        head: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
+        # model_facts.output_head (probed at the first use): logits only where used
+        self._head = head or (lambda: None)
         self.uid = uid
         self.cache = cache
         self.tokens = list(prompt[:cached])
@@ -403,12 +406,12 @@ class Solo:
             draft, source = self._draft(forced)
         pending = self.rest[0]
         fed = [pending, *forced, *draft]
-        logits = self.model(mx.array(fed)[None], cache=self.cache)[0]
+        logits = self._logits(fed, len(forced))
         decided = list(forced)
         rows: list[Any] = [self._one_hot(t, logits.shape[-1]) for t in forced]
         context = [*self.history, *forced]
         for i in range(len(draft) + 1):
-            row = logits[len(forced) + i][None]
+            row = logits[i][None]
             if self.processors:
                 tokens = mx.array(context)
                 for processor in self.processors:
@@ -435,6 +438,17 @@ class Solo:
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
         return decided, rows
+
+    def _logits(self, fed: list[int], start: int) -> Any:
+        """Feed `fed`; the logits from position `start` on (the rest are forced)."""
+        import mlx.core as mx
+
+        x = mx.array(fed)[None]
+        head = self._head() if start else None
+        if head is not None:
+            hidden = self.model.model(x, cache=self.cache)
+            return head(hidden[:, start:])[0]
+        return self.model(x, cache=self.cache)[0, start:]
 
     def _forced(self) -> list[int]:
         """Grammar-forced tokens after the pending one (within the budget)."""

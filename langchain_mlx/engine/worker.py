@@ -427,6 +427,7 @@ class Engine(Configuration, Lockstep, PrefixTasks):
             max_batch_size=self._options.max_batch_size,
             batched=self._batched,
             measured_costs=sharing is None,  # every rank must decide the same
+            split_head=sharing is None,  # a sharded head may hold collectives
         )
         self._scheduler = scheduler
         if sharing is not None:

@@ -79,6 +79,37 @@ def test_structured_output_fast_forward_is_unchanged(chat: ChatMLX) -> None:
     forced, _, _ = counters(fast["raw"])
     assert forced >= 3  # at least `{"name": "`
     assert counters(slow["raw"])[0] == 0
+    # forced passes computed logits at their last position only
+    assert chat.llm.engine._scheduler._head is not None  # type: ignore[union-attr]
+
+
+def test_output_head_splits_off_only_when_logits_are_exactly_its_output(
+    tiny_model_path: str,
+) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from langchain_mlx.engine.model_facts import output_head
+
+    model, _ = load(tiny_model_path)
+    head = output_head(model)
+    assert head is not None  # a llama: logits = lm_head(model.model(x))
+    x = mx.array([[5, 17, 230, 4, 99]])
+    full = model(x, cache=make_prompt_cache(model))[:, 3:]
+    hidden = model.model(x, cache=make_prompt_cache(model))
+    assert mx.allclose(head(hidden[:, 3:]), full, atol=1e-5).item()
+
+    class SoftCapped:  # a family whose last step does more (as Gemma 2's)
+        def __init__(self, inner: Any) -> None:
+            self.model, self.args, self._inner = inner.model, inner.args, inner
+            self.lm_head = getattr(inner, "lm_head", None)
+
+        def __call__(self, x: Any, cache: Any = None) -> Any:
+            return mx.tanh(self._inner(x, cache=cache) / 30.0) * 30.0
+
+    assert output_head(SoftCapped(model)) is None
+    assert output_head(object()) is None
 
 
 def get_weather(city: str, unit: str = "celsius") -> str:
