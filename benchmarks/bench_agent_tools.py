@@ -133,11 +133,14 @@ def run_loops(models: dict[str, Any], max_tokens: int) -> dict[str, dict[str, An
             reply = model.invoke(conversation(step), max_tokens=max_tokens)
             seconds = time.perf_counter() - t
             usage = reply.usage_metadata or {}
+            details = usage.get("input_token_details") or {}
             md = reply.response_metadata
             steps[name].append(
                 {
                     "seconds": seconds,
                     "output_tokens": usage.get("output_tokens", 0),
+                    "input_tokens": usage.get("input_tokens", 0),
+                    "cached": details.get("cache_read"),  # None: not reported
                     "kind": kind_of(reply),
                     "reply": str(reply.content)
                     or json.dumps(reply.tool_calls, default=str),
@@ -152,6 +155,9 @@ def run_loops(models: dict[str, Any], max_tokens: int) -> dict[str, dict[str, An
             "output_tokens": sum(s["output_tokens"] for s in rows),
             "forced": sum(s["forced"] for s in rows),
             "accepted": sum(s["accepted"] for s in rows),
+            "prefilled": None
+            if any(s["cached"] is None for s in rows)
+            else sum(s["input_tokens"] - s["cached"] for s in rows),
             "steps": rows,
         }
         for name, rows in steps.items()
@@ -209,8 +215,11 @@ def main() -> None:
     for name, m in modes.items():
         ratio = f"{m['seconds'] / server['seconds']:.2f}×" if server else "-"
         kinds = "; ".join(s["kind"] for s in m["steps"])
+        first, later = m["steps"][0]["seconds"], m["seconds"] - m["steps"][0]["seconds"]
+        prefilled = "-" if m["prefilled"] is None else m["prefilled"]
         rows += (
-            f"| {name} | {m['seconds']:.1f} s | {ratio} | {m['output_tokens']} "
+            f"| {name} | {m['seconds']:.1f} s | {ratio} | {first:.1f} s "
+            f"| {later:.1f} s | {prefilled} | {m['output_tokens']} "
             f"| {m['forced']} / {m['accepted']} | {kinds} |\n"
         )
     table = (
@@ -218,9 +227,13 @@ def main() -> None:
         f"(tool calls and results as messages, three tools bound), up to "
         f"{args.max_tokens} tokens per reply, greedy; model `{args.model}` (bf16), "
         f"{result['machine']}, one run, the modes in lockstep.\n\n"
-        "| mode | wall time | vs server | output tokens | forced / accepted "
-        "| replies |\n|---|---|---|---|---|---|\n"
-        f"{rows}"
+        "| mode | wall time | vs server | step 0 | steps 1+ | prompt tokens "
+        "prefilled | output tokens | forced / accepted | replies |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        f"{rows}\n"
+        "Step 0 prefills system prompt, tools and task from cold; prompt tokens "
+        "prefilled = input tokens not read from the prefix cache, over all steps "
+        "(- where not reported).\n"
     )
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)

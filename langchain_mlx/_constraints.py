@@ -325,6 +325,7 @@ class GrammarLogitsProcessor:
         if self._matcher.is_error():
             raise _unsupported(what, self._matcher.get_error())
         self._n_vocab = int(lltokenizer.vocab_size)
+        self._eos = int(lltokenizer.eos_token)  # what a complete grammar allows
         self._bitmask = allocate_token_bitmask(1, self._n_vocab)
         self._lazy = lazy  # free text around what it constrains
         self._base: int | None = None  # prompt length, at the first call
@@ -369,7 +370,18 @@ class GrammarLogitsProcessor:
         """Tokens the grammar allows as the only continuation (fast-forward)."""
         if self._matcher.is_stopped():
             return []
-        return [int(t) for t in self._matcher.compute_ff_tokens()]
+        forced = [int(t) for t in self._matcher.compute_ff_tokens()]
+        if forced and not self._lazy and self._ends_after(forced):
+            forced.append(self._eos)  # nothing may follow: the end is forced too
+        return forced
+
+    def _ends_after(self, tokens: list[int]) -> bool:
+        """Whether the grammar is complete and allows nothing more after `tokens`."""
+        if not self._matcher.consume_tokens(tokens):
+            raise ConstraintViolationError(self._matcher.get_error())
+        stopped = bool(self._matcher.is_stopped())
+        self._matcher.rollback(len(tokens))
+        return stopped
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` the grammar accepts next, in order."""

@@ -44,6 +44,7 @@ do not have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ class Solo:
         self.model = model
         # model_facts.output_head (probed at the first use): logits only where used
         self._head = head or (lambda: None)
+        self._width = 0  # logits per position (known after the first pass)
         self.uid = uid
         self.cache = cache
         self.tokens = list(prompt[:cached])
@@ -404,9 +406,16 @@ class Solo:
         else:
             forced = self._forced()
             draft, source = self._draft(forced)
+        if self._ends_with(forced) and (self._width or not self._logprobs):
+            # the grammar ends here (forced EOS): the sequence is complete, no
+            # logits are needed (the batch path would sample the EOS, the only
+            # token allowed)
+            self.stats.forced += len(forced)
+            return list(forced), [self._one_hot(t, self._width) for t in forced]
         pending = self.rest[0]
         fed = [pending, *forced, *draft]
         logits = self._logits(fed, len(forced))
+        self._width = logits.shape[-1]
         decided = list(forced)
         rows: list[Any] = [self._one_hot(t, logits.shape[-1]) for t in forced]
         context = [*self.history, *forced]
@@ -450,6 +459,14 @@ class Solo:
             return head(hidden[:, start:])[0]
         return self.model(x, cache=self.cache)[0, start:]
 
+    def _ends_with(self, forced: list[int]) -> bool:
+        """Whether the forced tokens end the sequence (at their last, not before)."""
+        if not forced:
+            return False
+        stops = copy.copy(self._stops)  # a position in the automaton, not its trie
+        ends = [stops.advance(t) for t in forced]
+        return ends[-1] and not any(ends[:-1])
+
     def _forced(self) -> list[int]:
         """Grammar-forced tokens after the pending one (within the budget)."""
         if self._constraint is None:
@@ -463,7 +480,11 @@ class Solo:
         from mlx_lm.models.cache import can_trim_prompt_cache
 
         room = min(self._max_draft, self.remaining - 1 - len(forced))
-        if room <= 0 or not can_trim_prompt_cache(self.cache):
+        if (
+            room <= 0
+            or self._ends_with(forced)
+            or not can_trim_prompt_cache(self.cache)
+        ):
             return [], ""  # a rejected draft could not be taken back
         history = [*self.history, *forced] if forced else self.history
         draft, source = [], ""

@@ -343,3 +343,51 @@ def test_batched_structured_output_ends_at_its_grammar(chat: ChatMLX) -> None:
     plain = ChatMLX(llm=chat.llm, temperature=1.0, max_tokens=24, **OFF)
     results = plain.with_structured_output(Choice).batch(["A?", "B?", "C?"])
     assert all(isinstance(r, Choice) for r in results)
+
+
+def test_a_grammar_that_ends_ends_the_answer_without_another_pass(
+    engine: Engine,
+) -> None:
+    """After the closing brace only EOS is allowed: it is forced, not computed."""
+    import json
+
+    from langchain_mlx._constraints import ConstraintCompiler, json_schema_grammar
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+    }
+    compiler = ConstraintCompiler.for_tokenizer(engine.tokenizer)
+    prompt = engine.tokenizer.encode("Answer in JSON.")
+    sampled = [0]
+
+    def counting(tokens: Any, logits: Any) -> Any:  # runs once per sampled token
+        sampled[0] += 1
+        return logits
+
+    def ask(**overrides: Any) -> tuple[str, Final]:
+        constraint = compiler.processor(json_schema_grammar(schema), "the schema")
+        settings = GenerationSettings(max_tokens=20, **overrides)
+        request = Request(
+            prompt, settings, constraint=constraint, logits_processors=[counting]
+        )
+        text, final = "", None
+        for event in engine.submit(request):
+            if isinstance(event, Segment):
+                text += event.text
+            else:
+                final = event
+        assert final is not None
+        return text, final
+
+    text, final = ask()
+    assert json.loads(text) in ({"ok": True}, {"ok": False})
+    assert final.finish_reason == "stop"
+    assert final.forced_tokens >= 4  # `{"`, `ok`, `":`, ... and the EOS
+    # every token that was not forced was sampled, and nothing after the EOS
+    assert sampled[0] == final.generation_tokens - final.forced_tokens
+    sampled[0] = 0
+    plain, plain_final = ask(**OFF)
+    assert plain == text and plain_final.finish_reason == "stop"
+    assert plain_final.generation_tokens == final.generation_tokens
