@@ -164,8 +164,13 @@ def engine(tiny_model_path: str) -> Iterator[Engine]:
 
 def run(engine: Engine, prompt: list[int], **overrides: Any) -> tuple[str, Final]:
     settings = GenerationSettings(**{"max_tokens": 40, **overrides})
+    return collect(engine, Request(prompt, settings))
+
+
+def collect(engine: Engine, request: Request) -> tuple[str, Final]:
+    """A request's text and its final event."""
     text, final = "", None
-    for event in engine.submit(Request(prompt, settings)):
+    for event in engine.submit(request):
         if isinstance(event, Segment):
             text += event.text
         else:
@@ -372,14 +377,7 @@ def test_a_grammar_that_ends_ends_the_answer_without_another_pass(
         request = Request(
             prompt, settings, constraint=constraint, logits_processors=[counting]
         )
-        text, final = "", None
-        for event in engine.submit(request):
-            if isinstance(event, Segment):
-                text += event.text
-            else:
-                final = event
-        assert final is not None
-        return text, final
+        return collect(engine, request)
 
     text, final = ask()
     assert json.loads(text) in ({"ok": True}, {"ok": False})
