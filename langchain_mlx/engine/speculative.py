@@ -12,7 +12,10 @@ step can feed the model several tokens at once:
   tool name, `", "arguments": {"`, closing braces): taken as they are, like a
   prefill, instead of one decode step each. llguidance tokenizes forced text
   canonically, so greedy output can differ from token-by-token decoding only
-  where the model would have spelt the same text with other tokens;
+  where the model would have spelt the same text with other tokens. The pass
+  computes the output layer only from the last forced position on
+  (`model_facts.output_head`), and a grammar that is complete forces the EOS
+  too: the answer ends without a pass for it;
 - `draft` are guessed next tokens: the continuation of the latest earlier
   occurrence of the output's last n-gram in the prompt or the output
   (prompt lookup), else the greedy continuation of a small draft model. A

@@ -277,7 +277,11 @@ class Constraint(Protocol):
         """Catch up with `tokens` (the prompt, then everything generated)."""
 
     def forced_tokens(self) -> list[int]:
-        """The continuation the grammar allows alone (empty: a choice is open)."""
+        """The continuation the grammar allows alone (empty: a choice is open).
+
+        Ends with the EOS when the grammar is complete after it and allows
+        nothing more: the sequence then ends without another forward pass.
+        """
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` the grammar would accept next, in order."""
