@@ -134,8 +134,8 @@ class Scheduler(SoloLane):
         self._solo: Solo | None = None
         self._solo_uids = -1  # solo uids count down: never a batch uid
         self._costs = StepCosts(measured=measured_costs)
-        self._split_head = split_head
-        self._head: Any = None  # model_facts.output_head, probed at the first Solo
+        self._head: Any = None  # model_facts.output_head, at the first forced pass
+        self._head_probed = not split_head
         self.draft_model = draft_model
         """A small model with the same tokenizer that drafts tokens, or None."""
 

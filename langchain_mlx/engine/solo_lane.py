@@ -33,8 +33,8 @@ class SoloLane:
     _solo: Solo | None
     _solo_uids: int
     _costs: StepCosts
-    _split_head: bool
     _head: Any
+    _head_probed: bool
     draft_model: Any
 
     @property
@@ -114,8 +114,8 @@ class SoloLane:
 
     def _output_head(self) -> Any:
         """The model's output layer when passes can skip it (probed at first use)."""
-        if self._split_head:
-            self._split_head = False
+        if not self._head_probed:
+            self._head_probed = True
             self._head = output_head(self._model)
         return self._head
 
