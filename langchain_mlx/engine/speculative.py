@@ -58,7 +58,7 @@ from langchain_mlx.engine.types import Constraint, LogitsProcessor
 NGRAM_SIZES = (4, 3)  # longest first; shorter matches in prose mostly miss
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # a first draft is tried
 DECAY = 0.8  # weight of the acceptance history per step
-EXPLORE_EVERY = 32  # steps with a lookup match but no draft before one is tried
+EXPLORE_EVERY = 32  # steps without a verified draft before a lookup match is tried
 FIXED_EXTRA = 0.3  # unmeasured costs: each extra fed token, in one-token passes
 
 
@@ -133,6 +133,10 @@ class PromptLookup:
         self._index: dict[int, dict[tuple[int, ...], int]] = {
             n: {} for n in NGRAM_SIZES
         }
+        # the first n - 1 tokens of every indexed n-gram
+        self._contexts: dict[int, set[tuple[int, ...]]] = {
+            n: set() for n in NGRAM_SIZES
+        }
         self._indexed = 0  # positions below this are in the index
 
     def draft(self, history: Sequence[int], k: int) -> list[int]:
@@ -143,6 +147,7 @@ class PromptLookup:
             for n, index in self._index.items():
                 if i >= n:
                     index[tuple(history[i - n : i])] = i
+                    self._contexts[n].add(tuple(history[i - n : i - 1]))
         self._indexed = max(self._indexed, end)
         if k <= 0:
             return []
@@ -153,6 +158,19 @@ class PromptLookup:
             if at is not None and at < end:
                 return list(history[at : at + k])
         return []
+
+    def may_match(self, history: Sequence[int]) -> bool:
+        """Whether `history` and one more token (any) can have a draft."""
+        self.draft(history, 0)  # index what is new
+        end = len(history)
+        for n, contexts in self._contexts.items():
+            if end < n:
+                continue
+            wanted = tuple(history[end - n + 1 :])
+            # the n-gram ending at `end` is indexed once the next token is known
+            if wanted in contexts or wanted == tuple(history[end - n : end - 1]):
+                return True
+        return False
 
 
 class DraftModel:
@@ -266,6 +284,9 @@ class Solo:
         self.stats = SpeculationStats()
         self._plan: tuple[list[int], list[int], str] | None = None
         self._prepared: tuple[Any, Any, float] | None = None
+        # the step after the launched one, launched on its still-lazy token
+        self._chained: tuple[Any, Any, float] | None = None
+        self.chained_steps = 0
         # a step's cost is the time between the ends of two steps: delivering
         # tokens overlaps a launched step, not a verifying one
         self._last_end: float | None = None
@@ -327,6 +348,8 @@ class Solo:
             if self._stops.advance(token):
                 finish = "stop"
             done = finish is not None
+            if done:
+                self._unchain()  # the cache handed on holds `tokens`
             out.append(
                 response(
                     self.uid, token, row, finish,
@@ -355,6 +378,11 @@ class Solo:
         import mlx.core as mx
         from mlx_lm.models.cache import can_trim_prompt_cache
 
+        if self._chained is not None:  # already computing (see _take_prepared)
+            self._prepared, self._chained = self._chained, None
+            self._since_draft += 1
+            self.chained_steps += 1
+            return
         forced = self._forced()
         draft, source = self._draft(forced)
         if (
@@ -365,22 +393,71 @@ class Solo:
         ):
             self._plan = (forced, draft, source)
             return
-        pending = self.rest[0]
-        logits = self.model(mx.array([pending])[None], cache=self.cache)[0]
-        row = logits[0][None]
+        self._prepared = self._launch(mx.array(self.rest[:1]), lambda: [self.history])
+
+    def _launch(self, fed: Any, context: Callable[[], Any]) -> tuple[Any, Any, float]:
+        """Start a one-token step feeding `fed` (an array, maybe not computed yet).
+
+        `context()` is what the processors see: the tokens up to `fed`, whose
+        last may be that same lazy array.
+        """
+        import mlx.core as mx
+
+        logits = self.model(fed[None], cache=self.cache)[0]
+        row = logits[-1][None]
         if self.processors:
-            tokens = mx.array(self.history)
+            parts = [t if isinstance(t, mx.array) else mx.array(t) for t in context()]
+            tokens = mx.concatenate(parts)
             for processor in self.processors:
                 row = processor(tokens, row)
         logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
         sampled = self.sampler(logprobs)
         mx.async_eval(sampled, logprobs)  # type: ignore[no-untyped-call]
-        self._prepared = (sampled, logprobs[0], time.perf_counter())
+        return sampled, logprobs[0], time.perf_counter()
+
+    def _chainable(self) -> bool:
+        """Whether the step after the launched one is plain, whatever its token.
+
+        That is, one token fed and no draft worth verifying. Then it is launched
+        at once on that token's lazy array, as mlx-lm's decode loop does, so the
+        model never waits for Python between steps. Not with a grammar (its mask
+        needs the token's value), a draft model, or a prompt-lookup draft that
+        could be worth verifying after it.
+        """
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        if (
+            not self._pipelined
+            or self._grammar is not None
+            or self._draft_model is not None
+            or self.remaining < 2  # the launched step's token may be the last
+            or not can_trim_prompt_cache(self.cache)
+        ):
+            return False
+        room = min(self._max_draft, self.remaining - 2)
+        if self._lookup is None or room <= 0:
+            return True
+        if not self._lookup.may_match(self.history):
+            return True
+        if self._since_draft + 1 >= EXPLORE_EVERY:
+            return False
+        return self._costs.best_draft("lookup", 0, room, self._acceptance()) == 0
+
+    def _unchain(self) -> None:
+        """Undo the chained step (its token ended the sequence)."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        if self._chained is not None:
+            self._chained = None
+            trim_prompt_cache(self.cache, 1)
 
     def _take_prepared(self) -> tuple[list[int], list[Any]]:
         assert self._prepared is not None
         sampled, row, launched = self._prepared
         self._prepared = None
+        if self._chainable():
+            history = self.history
+            self._chained = self._launch(sampled, lambda: [history, sampled])
         token = int(sampled.item())
         self._costs.record("", 1, time.perf_counter() - (self._last_end or launched))
         self.tokens.append(self.rest[0])  # the pending token, fed by that step
@@ -393,6 +470,7 @@ class Solo:
         """
         from mlx_lm.models.cache import trim_prompt_cache
 
+        assert self._chained is None  # (taken or undone within the step)
         if self._prepared is not None:
             self._prepared = None
             trim_prompt_cache(self.cache, 1)
@@ -482,6 +560,7 @@ class Solo:
         """A draft worth verifying (maybe empty) and where it came from."""
         from mlx_lm.models.cache import can_trim_prompt_cache
 
+        self._since_draft += 1
         room = min(self._max_draft, self.remaining - 1 - len(forced))
         if (
             room <= 0
@@ -505,7 +584,6 @@ class Solo:
         if not draft:
             return [], ""
         k = self._costs.best_draft(source, len(forced), len(draft), self._acceptance())
-        self._since_draft += 1
         if not k and self._since_draft >= EXPLORE_EVERY:
             k = 1  # now and then: the text may have started to repeat
         if k:

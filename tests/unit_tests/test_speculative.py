@@ -389,3 +389,55 @@ def test_a_grammar_that_ends_ends_the_answer_without_another_pass(
     plain, plain_final = ask(**OFF)
     assert plain == text and plain_final.finish_reason == "stop"
     assert plain_final.generation_tokens == final.generation_tokens
+
+
+# -- a plain step launched on the previous step's lazy token --------------------
+
+
+def decode_alone(
+    model: Any, prompt: list[int], *, stop: int | None, lookup: bool
+) -> tuple[list[int], Any, Any]:
+    """Drive a `Solo` to its end: its tokens, its last record, the Solo."""
+    from mlx_lm.generate import StopSequences
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import greedy_sampler
+
+    from langchain_mlx.engine.speculative import Solo, StepCosts
+
+    solo = Solo(
+        model, uid=-1, prompt=prompt, cache=make_prompt_cache(model), cached=0,
+        max_tokens=24, sampler=greedy_sampler, processors=[],
+        stop_sequences=StopSequences([] if stop is None else [(stop,)]),
+        constraint=None, checkpoints=[], fast_forward=True, lookup=lookup,
+        num_draft_tokens=4, draft_model=None, costs=StepCosts(), logprobs=False,
+    )  # fmt: skip
+    tokens: list[int] = []
+    while True:
+        _, records = solo.next(64)
+        for r in records:
+            tokens.append(r.token)
+            if r.finish_reason is not None:
+                return tokens, r, solo
+
+
+def test_chained_steps_decode_as_plain_decoding(tiny_model_path: str) -> None:
+    """A step launched before the previous token is read gives the same tokens,
+    and one whose token ends the answer is taken back out of the cache."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = load(tiny_model_path)
+    prompt = tokenizer.encode("Plain words, nothing to copy from here")
+    steps = generate_step(mx.array(prompt), model, max_tokens=24)
+    reference = [int(t) for t, _ in steps]
+    tokens, last, solo = decode_alone(model, prompt, stop=None, lookup=True)
+    assert tokens == reference and last.finish_reason == "length"
+    assert solo.chained_steps > 0  # (no draft could be worth it: launched early)
+    # a stop token the model emits after a few chained steps ends the answer there
+    at = next(i for i, t in enumerate(reference) if i >= 6 and t not in reference[:i])
+    tokens, last, solo = decode_alone(model, prompt, stop=reference[at], lookup=False)
+    assert tokens == reference[: at + 1] and last.finish_reason == "stop"
+    assert solo.chained_steps >= at - 2
+    # the cache handed on holds exactly the tokens said (the stop token unfed)
+    assert last.prompt_cache[0].offset == len(last.all_tokens) == len(prompt) + at
