@@ -15,7 +15,11 @@ constrained, prompt-lookup speculation), ChatMLX with them off
 the same model folder served by `mlx_lm.server`, called through
 langchain-openai's `ChatOpenAI`. Reports wall time per mode and the ratio to
 the server, and what each reply was (a call of a bound tool with valid
-arguments, text, or a malformed call). Writes
+arguments, text, or a malformed call). Replies are streamed, so each step's
+time splits at its first token: before it the new messages are prefilled (the
+same tokens on every side), after it the reply is decoded — the part the fast
+paths shorten, and the part that dominates where prefill is fast (a GPU).
+Writes
 benchmarks/results/agent_tools-<model>.{json,md}.
 
     python benchmarks/bench_agent_tools.py [--model qwen2.5-coder-0.5b-instruct]
@@ -125,19 +129,30 @@ def kind_of(reply: AIMessage) -> str:
     return "text"
 
 
+def streamed(model: Any, messages: list[BaseMessage], max_tokens: int) -> Any:
+    """The reply (chunks added up), seconds to its first token, seconds in all."""
+    t = time.perf_counter()
+    reply, first = None, None
+    for chunk in model.stream(messages, max_tokens=max_tokens):
+        if first is None and (chunk.content or chunk.tool_call_chunks):
+            first = time.perf_counter() - t
+        reply = chunk if reply is None else reply + chunk
+    seconds = time.perf_counter() - t
+    return reply, seconds if first is None else first, seconds
+
+
 def run_loops(models: dict[str, Any], max_tokens: int) -> dict[str, dict[str, Any]]:
     steps: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for step in range(len(ROUNDS) + 1):
         for name, model in models.items():
-            t = time.perf_counter()
-            reply = model.invoke(conversation(step), max_tokens=max_tokens)
-            seconds = time.perf_counter() - t
+            reply, first, seconds = streamed(model, conversation(step), max_tokens)
             usage = reply.usage_metadata or {}
             details = usage.get("input_token_details") or {}
             md = reply.response_metadata
             steps[name].append(
                 {
                     "seconds": seconds,
+                    "first_token": first,
                     "output_tokens": usage.get("output_tokens", 0),
                     "input_tokens": usage.get("input_tokens", 0),
                     "cached": details.get("cache_read"),  # None: not reported
@@ -152,6 +167,7 @@ def run_loops(models: dict[str, Any], max_tokens: int) -> dict[str, dict[str, An
     return {
         name: {
             "seconds": sum(s["seconds"] for s in rows),
+            "first_token": sum(s["first_token"] for s in rows),
             "output_tokens": sum(s["output_tokens"] for s in rows),
             "forced": sum(s["forced"] for s in rows),
             "accepted": sum(s["accepted"] for s in rows),
@@ -194,7 +210,7 @@ def main() -> None:
             from _peer import chat_openai, mlx_lm_server
 
             base_url = stack.enter_context(mlx_lm_server(path))
-            peer = chat_openai(base_url, temperature=0.0)
+            peer = chat_openai(base_url, temperature=0.0, stream_usage=True)
             peer.invoke("Hi", max_tokens=2)  # the same warm-up
             models["mlx_lm.server + ChatOpenAI"] = peer.bind_tools(TOOLS)
         print(f"{', '.join(models)}: in lockstep ...", flush=True)
@@ -214,12 +230,19 @@ def main() -> None:
     rows = ""
     for name, m in modes.items():
         ratio = f"{m['seconds'] / server['seconds']:.2f}×" if server else "-"
+        decode = m["seconds"] - m["first_token"]
+        if server:
+            decode_ratio = decode / (server["seconds"] - server["first_token"])
+            after = f"{decode:.1f} s ({decode_ratio:.2f}×)"
+        else:
+            after = f"{decode:.1f} s"
         kinds = "; ".join(s["kind"] for s in m["steps"])
         first, later = m["steps"][0]["seconds"], m["seconds"] - m["steps"][0]["seconds"]
         prefilled = "-" if m["prefilled"] is None else m["prefilled"]
         rows += (
             f"| {name} | {m['seconds']:.1f} s | {ratio} | {first:.1f} s "
-            f"| {later:.1f} s | {prefilled} | {m['output_tokens']} "
+            f"| {later:.1f} s | {m['first_token']:.1f} s | {after} "
+            f"| {prefilled} | {m['output_tokens']} "
             f"| {m['forced']} / {m['accepted']} | {kinds} |\n"
         )
     table = (
@@ -227,13 +250,16 @@ def main() -> None:
         f"(tool calls and results as messages, three tools bound), up to "
         f"{args.max_tokens} tokens per reply, greedy; model `{args.model}` (bf16), "
         f"{result['machine']}, one run, the modes in lockstep.\n\n"
-        "| mode | wall time | vs server | step 0 | steps 1+ | prompt tokens "
-        "prefilled | output tokens | forced / accepted | replies |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| mode | wall time | vs server | step 0 | steps 1+ | to first tokens "
+        "| after first tokens (vs server) | prompt tokens prefilled "
+        "| output tokens | forced / accepted | replies |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
         f"{rows}\n"
-        "Step 0 prefills system prompt, tools and task from cold; prompt tokens "
-        "prefilled = input tokens not read from the prefix cache, over all steps "
-        "(- where not reported).\n"
+        "Step 0 prefills system prompt, tools and task from cold; to / after first "
+        "tokens: each streamed reply's time split at its first token (prefill, "
+        "then decoding), summed over the steps; prompt tokens prefilled = input "
+        "tokens not read from the prefix cache, over all steps (- where not "
+        "reported).\n"
     )
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)
