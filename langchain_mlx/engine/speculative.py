@@ -35,7 +35,9 @@ time for each number of fed tokens (`StepCosts`, per engine: on a CPU a
 forward pass over 4 tokens costs twice one over 1; on a GPU nearly the same)
 and the request's recent acceptance rate. The draft length that maximises
 expected tokens per second wins, and 0 (no draft) when drafts do not pay, so
-text that copies nothing is decoded as before.
+text that copies nothing is decoded as before. Where no draft could follow the
+next token whatever it is (and no grammar needs its value), the step after it
+is launched on its lazy array before it is read, as mlx-lm's decode loop does.
 
 When a second request arrives the scheduler moves this one into the batch
 (its cache, the tokens not yet in it, its remaining budget) and both decode
