@@ -16,7 +16,9 @@ the same model folder served by `mlx_lm.server`, called through
 langchain-openai's `ChatOpenAI`. Reports wall time per mode and the ratio to
 the server, and what each reply was (a call of a bound tool with valid
 arguments, text, or a malformed call). Replies are streamed, so each step's
-time splits at its first token: before it the new messages are prefilled (the
+time splits at its first token (the server: the first streamed chunk; ChatMLX,
+which streams a call only in its last chunk: the engine's
+`time_to_first_token_seconds`): before it the new messages are prefilled (the
 same tokens on every side), after it the reply is decoded — the part the fast
 paths shorten, and the part that dominates where prefill is fast (a GPU).
 Writes
@@ -138,6 +140,11 @@ def streamed(model: Any, messages: list[BaseMessage], max_tokens: int) -> Any:
             first = time.perf_counter() - t
         reply = chunk if reply is None else reply + chunk
     seconds = time.perf_counter() - t
+    # ChatMLX holds a call's text back to its last chunk: its engine's own
+    # time to the first token (from the request's submission) is the split
+    engine_first = reply.response_metadata.get("time_to_first_token_seconds")
+    if engine_first is not None:
+        first = engine_first
     return reply, seconds if first is None else first, seconds
 
 
