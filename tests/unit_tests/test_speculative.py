@@ -409,7 +409,8 @@ def decode_alone(
         max_tokens=24, sampler=greedy_sampler, processors=[],
         stop_sequences=StopSequences([] if stop is None else [(stop,)]),
         constraint=None, checkpoints=[], fast_forward=True, lookup=lookup,
-        num_draft_tokens=4, draft_model=None, costs=StepCosts(), logprobs=False,
+        num_draft_tokens=4, draft_model=None, logprobs=False,
+        costs=StepCosts(measured=False),  # decisions that no clock changes
     )  # fmt: skip
     tokens: list[int] = []
     while True:
