@@ -140,6 +140,7 @@ def streamed(model: Any, messages: list[BaseMessage], max_tokens: int) -> Any:
             first = time.perf_counter() - t
         reply = chunk if reply is None else reply + chunk
     seconds = time.perf_counter() - t
+    assert reply is not None, "the stream gave no chunk"
     # ChatMLX holds a call's text back to its last chunk: its engine's own
     # time to the first token (from the request's submission) is the split
     engine_first = reply.response_metadata.get("time_to_first_token_seconds")
