@@ -6,8 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from langchain_mlx.engine.drafts import SpeculationStats
 from langchain_mlx.engine.handle import RequestHandle
-from langchain_mlx.engine.speculative import SpeculationStats
 from langchain_mlx.engine.text import RequestText
 from langchain_mlx.engine.types import Final, Request
 

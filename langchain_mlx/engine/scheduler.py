@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from langchain_mlx.engine.drafts import StepCosts
 from langchain_mlx.engine.guards import (
     copy_error,
     guarded,
@@ -65,10 +66,7 @@ from langchain_mlx.engine.sampling import (
     request_processors,
 )
 from langchain_mlx.engine.solo_lane import SoloLane
-from langchain_mlx.engine.speculative import (
-    Solo,
-    StepCosts,
-)
+from langchain_mlx.engine.speculative import Solo
 from langchain_mlx.engine.text import RequestText, token_logprob
 from langchain_mlx.engine.types import (
     LogitsProcessor,

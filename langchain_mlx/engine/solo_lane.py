@@ -11,12 +11,13 @@ import logging
 import time
 from typing import Any
 
+from langchain_mlx.engine.drafts import DraftModel, StepCosts
 from langchain_mlx.engine.guards import guarded, guarded_sampler, request_error
 from langchain_mlx.engine.live import Live
 from langchain_mlx.engine.model_facts import output_head
 from langchain_mlx.engine.prefix_cache import PrefixCache
 from langchain_mlx.engine.sampling import make_request_sampler, request_processors
-from langchain_mlx.engine.speculative import DraftModel, Solo, StepCosts
+from langchain_mlx.engine.speculative import Solo
 from langchain_mlx.engine.types import Request
 
 logger = logging.getLogger(__name__)

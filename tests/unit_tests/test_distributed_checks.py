@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from langchain_mlx import ChatMLX
 from langchain_mlx.engine.distributed import check_mode, shareable_request
-from langchain_mlx.engine.speculative import StepCosts
+from langchain_mlx.engine.drafts import StepCosts
 from langchain_mlx.engine.types import GenerationSettings, Request
 from langchain_mlx.models.sharding import (
     _parts,

@@ -402,7 +402,8 @@ def decode_alone(
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.sample_utils import greedy_sampler
 
-    from langchain_mlx.engine.speculative import Solo, StepCosts
+    from langchain_mlx.engine.drafts import StepCosts
+    from langchain_mlx.engine.speculative import Solo
 
     solo = Solo(
         model, uid=-1, prompt=prompt, cache=make_prompt_cache(model), cached=0,
