@@ -307,8 +307,7 @@ class Solo:
         sampled, row, launched = self._prepared
         self._prepared = None
         if self._chainable():
-            history = self.history
-            self._chained = self._launch(sampled, lambda: [history, sampled])
+            self._chained = self._launch(sampled, lambda: [self.history, sampled])
         token = int(sampled.item())
         self._costs.record("", 1, time.perf_counter() - (self._last_end or launched))
         self.tokens.append(self.rest[0])  # the pending token, fed by that step
