@@ -300,10 +300,12 @@ class GrammarLogitsProcessor:
     """mlx-lm logits processor `(tokens, logits) -> logits` enforcing a grammar.
 
     The first call sees the prompt; every later call sees the prompt and the
-    tokens generated since. The matcher consumes the generated tokens it has
-    not seen yet (one per call in a batch; several after a speculative step,
-    which also calls `sync` itself), so the state follows the sequence however
-    it is decoded.
+    tokens generated since. The matcher's state is a function of the sequence
+    it is shown: it consumes the generated tokens it has not seen yet (one per
+    call in a batch; several after a speculative step, which also calls `sync`
+    itself) and rolls back what it consumed beyond it (a planned speculative
+    step validated its draft after the forced tokens, then the request moved
+    into the batch), so the state follows the sequence however it is decoded.
     """
 
     def __init__(
@@ -329,7 +331,8 @@ class GrammarLogitsProcessor:
         self._bitmask = allocate_token_bitmask(1, self._n_vocab)
         self._lazy = lazy  # free text around what it constrains
         self._base: int | None = None  # prompt length, at the first call
-        self._consumed = 0  # generated tokens fed to the matcher
+        self._consumed = 0  # generated tokens seen (fed to the matcher or past its end)
+        self._past_end = 0  # of them, seen after the grammar had stopped
         self.mask_seconds = 0.0
         """Total time spent computing masks (for the benchmark)."""
         self.steps = 0
@@ -350,18 +353,40 @@ class GrammarLogitsProcessor:
             return False
         return self._base is not None and bool(self._matcher.is_accepting())
 
+    @property
+    def consumed(self) -> int:
+        """Generated tokens the state reflects (the handoff asserts it)."""
+        return self._consumed
+
     def sync(self, tokens: Sequence[int]) -> None:
-        """Feed the matcher what `tokens` (prompt + output) adds to what it saw."""
+        """Bring the matcher to `tokens` (prompt + output): forward or back."""
         if self._base is None:
             self._base = len(tokens)
             return
-        self._consume(list(tokens[self._base + self._consumed :]))
+        self._follow(tokens, len(tokens))
+
+    def _follow(self, tokens: Any, n: int) -> None:
+        """Match the first `n` of `tokens` (a list or an array) exactly."""
+        assert self._base is not None
+        seen = self._base + self._consumed
+        if n < seen:
+            self._rollback(seen - n)
+        elif n > seen:
+            new = tokens[seen:n]
+            self._consume(new if isinstance(new, list) else new.tolist())
+
+    def _rollback(self, n: int) -> None:
+        past = min(n, self._past_end)
+        self._past_end -= past
+        if n > past and not self._matcher.rollback(n - past):
+            msg = f"constrained decoding could not step back: {self._matcher.get_error()}"
+            raise ConstraintViolationError(msg)
+        self._consumed -= n
 
     def _consume(self, new: list[int]) -> None:
         if self._matcher.is_stopped():  # complete: what follows is past the end
-            self._consumed += len(new)  # (a batch feeds the EOS it sampled)
-            return
-        if new and not self._matcher.consume_tokens(new):
+            self._past_end += len(new)  # (a batch feeds the EOS it sampled)
+        elif not self._matcher.consume_tokens(new):
             msg = f"constrained decoding failed: {self._matcher.get_error()}"
             raise ConstraintViolationError(msg)
         self._consumed += len(new)
@@ -396,8 +421,8 @@ class GrammarLogitsProcessor:
         n = int(tokens.shape[-1])
         if self._base is None:
             self._base = n
-        elif n > self._base + self._consumed:
-            self._consume(tokens[self._base + self._consumed :].tolist())
+        else:
+            self._follow(tokens, n)
         tic = time.perf_counter()
         fill_next_token_bitmask(self._matcher, self._bitmask)
         allowed = self._np.unpackbits(

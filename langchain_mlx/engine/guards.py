@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from langchain_mlx.engine.sampling import Sampler
+from langchain_mlx.engine.sampling import Sampler, skip_draws
 from langchain_mlx.engine.types import (
     GenerationTimeoutError,
     LogitsProcessor,
@@ -54,24 +54,35 @@ def guarded(processor: LogitsProcessor, live: Any) -> LogitsProcessor:
     return run
 
 
+class _GuardedSampler:
+    """A sampler whose failure ends its own request (it keeps `skip`)."""
+
+    def __init__(self, sampler: Sampler, live: Any) -> None:
+        self._sampler = sampler
+        self._live = live
+
+    def __call__(self, logprobs: Any) -> Any:
+        import mlx.core as mx
+
+        if self._live.error is None:
+            try:
+                return self._sampler(logprobs)
+            except Exception as e:
+                self._live.error = request_error("sampling", e)
+        return mx.argmax(logprobs, axis=-1)
+
+    def skip(self, n: int) -> None:
+        """Pass on `skip_draws` (a seeded sampler's key position)."""
+        skip_draws(self._sampler, n)
+
+
 def guarded_sampler(sampler: Sampler, live: Any) -> Sampler:
     """A sampler whose failure ends its own request (greedy ones cannot fail)."""
     from mlx_lm.sample_utils import greedy_sampler
 
     if sampler is greedy_sampler:
         return greedy_sampler  # shared: a greedy batch samples in one call
-
-    def sample(logprobs: Any) -> Any:
-        import mlx.core as mx
-
-        if live.error is None:
-            try:
-                return sampler(logprobs)
-            except Exception as e:
-                live.error = request_error("sampling", e)
-        return mx.argmax(logprobs, axis=-1)
-
-    return sample
+    return _GuardedSampler(sampler, live)
 
 
 def _is_ours(e: Exception) -> bool:

@@ -81,3 +81,50 @@ def output_head(model: Any) -> Any:
         return head if bool(same.item()) else None
     except Exception:  # another calling convention: keep full passes
         return None
+
+
+def undo_room(cache: list[Any]) -> int | None:
+    """How many tokens a pass may feed and still be taken back (None: any).
+
+    A sliding-window (`RotatingKVCache`) layer can be cut back only while its
+    offset stays below its window: feeding past it overwrites the oldest
+    entries for good. Caches that cannot be trimmed at all allow none.
+    """
+    room: int | None = None
+    for layer in cache:
+        inner = getattr(layer, "caches", None)  # CacheList
+        if inner is not None:
+            here = undo_room(list(inner))
+        elif not layer.is_trimmable():
+            here = 0
+        elif hasattr(layer, "max_size"):
+            here = max(0, int(layer.max_size) - int(layer.offset) - 1)
+        else:
+            continue
+        room = here if room is None else min(room, here if here is not None else room)
+    return room
+
+
+def cut_back(cache: list[Any], n: int) -> None:
+    """Trim `n` tokens off every layer, or raise: the KV state must stay exact."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    if n <= 0:
+        return
+    trimmed = trim_prompt_cache(cache, n)
+    if trimmed != n:
+        msg = (
+            f"the KV cache could be cut back by {trimmed} of {n} tokens: it would "
+            "keep tokens that were never decided (a sliding-window cache past "
+            "its window)"
+        )
+        raise RuntimeError(msg)
+
+
+def cache_length(cache: list[Any]) -> int | None:
+    """Tokens the cache has been fed (None for caches that do not count them)."""
+    for layer in cache:
+        offset = getattr(layer, "offset", None)
+        if isinstance(offset, int):
+            return offset
+    return None

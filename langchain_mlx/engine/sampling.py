@@ -33,29 +33,51 @@ def make_request_sampler(s: GenerationSettings) -> Sampler:
             top_k=s.top_k,
         )
         return sampler
-    return _seeded_sampler(s, s.seed)
+    return SeededSampler(s, s.seed)
 
 
-def _seeded_sampler(s: GenerationSettings, seed: int) -> Sampler:
-    """`make_sampler`'s chain (top_p, min_p, top_k, temperature) on a private key."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+class SeededSampler:
+    """`make_sampler`'s chain (top_p, min_p, top_k, temperature) on a private key.
 
-    key = mx.random.key(seed)
-    inv_temp = 1.0 / s.temperature
+    The key is split once per decided token, whichever path decides it: a
+    token forced by a grammar is not sampled, but `skip` advances the key as
+    sampling it would have (the batch samples there, the only allowed token).
+    """
 
-    def sample(logprobs: Any) -> Any:
-        nonlocal key
-        key, sub = mx.random.split(key)  # as MLX's global generator steps
+    def __init__(self, s: GenerationSettings, seed: int) -> None:
+        import mlx.core as mx
+
+        self._settings = s
+        self._key = mx.random.key(seed)
+        self._inv_temp = 1.0 / s.temperature
+
+    def __call__(self, logprobs: Any) -> Any:
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        s = self._settings
+        self._key, sub = mx.random.split(self._key)  # as MLX's global generator
         if 0 < s.top_p < 1.0:
             logprobs = apply_top_p(logprobs, s.top_p)
         if s.min_p != 0.0:
             logprobs = apply_min_p(logprobs, s.min_p, s.min_tokens_to_keep)
         if s.top_k > 0:
             logprobs = apply_top_k(logprobs, s.top_k)
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
+        return mx.random.categorical(logprobs * self._inv_temp, key=sub)
 
-    return sample
+    def skip(self, n: int) -> None:
+        """Advance the key past `n` tokens decided without sampling."""
+        import mlx.core as mx
+
+        for _ in range(n):
+            self._key, _ = mx.random.split(self._key)
+
+
+def skip_draws(sampler: Sampler, n: int) -> None:
+    """Advance a seeded sampler past `n` forced tokens (others draw nothing)."""
+    skip = getattr(sampler, "skip", None)
+    if n and skip is not None:
+        skip(n)
 
 
 def request_processors(

@@ -55,6 +55,7 @@ from langchain_mlx.engine.guards import (
 )
 from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.live import Live, final_event, finish_reason
+from langchain_mlx.engine.model_facts import undo_room
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
     common_length,
@@ -119,6 +120,8 @@ class Scheduler(SoloLane):
         self._share_prefixes = batched and can_trim_prompt_cache(
             make_prompt_cache(model)
         )
+        # tokens a fresh cache can take and still cut back (sliding windows)
+        self._undo_limit = undo_room(make_prompt_cache(model))
         self._generator: Any = None
         self._waiting: collections.deque[Live] = collections.deque()
         self._live: dict[int, Live] = {}

@@ -36,6 +36,7 @@ class SoloLane:
     _costs: StepCosts
     _head: Any
     _head_probed: bool
+    _undo_limit: int | None
     draft_model: Any
 
     @property
@@ -69,9 +70,14 @@ class SoloLane:
     def _solo_pays(self, request: Request) -> bool:
         """Whether decoding `request` alone can skip work (forced or drafted tokens)."""
         s = request.settings
-        drafts = s.num_draft_tokens > 0 and (
-            s.prompt_lookup or self.draft_model is not None
-        )
+        drafts = (
+            s.num_draft_tokens > 0
+            and (s.prompt_lookup or self.draft_model is not None)
+            # a rejected draft must be taken back off the cache: not past a
+            # sliding window, not at all from caches that cannot be cut
+            and (self._undo_limit is None
+                 or self._undo_limit - len(request.prompt_ids) > 1)
+        )  # fmt: skip
         forced = s.fast_forward and request.constraint is not None
         return drafts or forced
 
@@ -148,7 +154,7 @@ class SoloLane:
     def _solo_to_batch(self, solo: Solo) -> None:
         """Move the lone request into the batch: its cache and what is not in it."""
         self._solo = None
-        solo.settle()
+        solo.hand_off()
         live = self._live.pop(solo.uid)
         (uid,) = self._ensure_generator().insert(
             [solo.rest],

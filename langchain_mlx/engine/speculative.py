@@ -64,6 +64,8 @@ from langchain_mlx.engine.drafts import (
     SpeculationStats,
     StepCosts,
 )
+from langchain_mlx.engine.model_facts import cache_length, cut_back, undo_room
+from langchain_mlx.engine.sampling import skip_draws
 from langchain_mlx.engine.types import Constraint, LogitsProcessor
 
 
@@ -147,6 +149,11 @@ class Solo:
         self._pipelined = pipelined
 
     @property
+    def fed(self) -> int:
+        """Tokens the KV cache holds: `tokens`, and a launched step's pending one."""
+        return len(self.tokens) + (self._prepared is not None)
+
+    @property
     def remaining(self) -> int:
         """Tokens it may still generate."""
         return self.max_tokens - self.generated
@@ -227,7 +234,6 @@ class Solo:
         while the scheduler detokenizes and hands tokens to the reader.
         """
         import mlx.core as mx
-        from mlx_lm.models.cache import can_trim_prompt_cache
 
         if self._chained is not None:  # already computing (see _take_prepared)
             self._prepared, self._chained = self._chained, None
@@ -236,12 +242,7 @@ class Solo:
             return
         forced = self._forced()
         draft, source = self._draft(forced)
-        if (
-            forced
-            or draft
-            or not self._pipelined
-            or not can_trim_prompt_cache(self.cache)
-        ):
+        if forced or draft or not self._pipelined or not self._can_undo(1):
             self._plan = (forced, draft, source)
             return
         self._prepared = self._launch(mx.array(self.rest[:1]), lambda: [self.history])
@@ -275,14 +276,12 @@ class Solo:
         needs the token's value), a draft model, or a prompt-lookup draft that
         could be worth verifying after it.
         """
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
         if (
             not self._pipelined
             or self._grammar is not None
             or self._draft_model is not None
             or self.remaining < 2  # the launched step's token may be the last
-            or not can_trim_prompt_cache(self.cache)
+            or not self._can_undo(1)
         ):
             return False
         room = min(self._max_draft, self.remaining - 2)
@@ -294,13 +293,16 @@ class Solo:
             return False
         return self._costs.best_draft("lookup", 0, room, self._acceptance()) == 0
 
+    def _can_undo(self, n: int) -> bool:
+        """Whether a pass feeding `n` tokens could be taken back off the cache."""
+        room = undo_room(self.cache)
+        return room is None or room >= n
+
     def _unchain(self) -> None:
         """Undo the chained step (its token ended the sequence)."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
         if self._chained is not None:
             self._chained = None
-            trim_prompt_cache(self.cache, 1)
+            cut_back(self.cache, 1)
 
     def _take_prepared(self) -> tuple[list[int], list[Any]]:
         assert self._prepared is not None
@@ -318,17 +320,36 @@ class Solo:
 
         The cache then holds `tokens` again; the pending token stays pending.
         """
-        from mlx_lm.models.cache import trim_prompt_cache
-
         assert self._chained is None  # (taken or undone within the step)
         if self._prepared is not None:
             self._prepared = None
-            trim_prompt_cache(self.cache, 1)
+            cut_back(self.cache, 1)
+
+    def hand_off(self) -> None:
+        """Leave the request's state at exactly its decided tokens, and check it.
+
+        Before it decodes elsewhere (the batch): a launched step is undone, a
+        planned one dropped, the grammar brought back to the decided tokens
+        (validating a draft made it consume the planned forced tokens). Then
+        the KV cache holds `tokens`, and `rest` the pending token.
+        """
+        self.settle()
+        self._plan = None
+        if self._grammar is not None:
+            self._grammar.sync(self.history)
+            consumed = getattr(self._grammar, "consumed", None)
+            decided = len(self.history) - self.total
+            if consumed is not None and consumed != decided:
+                msg = f"the grammar is at {consumed} tokens, the request at {decided}"
+                raise RuntimeError(msg)
+        held = cache_length(self.cache)
+        if held is not None and held != len(self.tokens):
+            msg = f"the KV cache holds {held} tokens, the request {len(self.tokens)}"
+            raise RuntimeError(msg)
 
     def _verify(self) -> tuple[list[int], list[Any]]:
         """Feed pending + forced + draft in one pass; keep what the model confirms."""
         import mlx.core as mx
-        from mlx_lm.models.cache import trim_prompt_cache
 
         tic = self._last_end or time.perf_counter()
         if self._plan is not None:
@@ -342,6 +363,7 @@ class Solo:
             # logits are needed (the batch path would sample the EOS, the only
             # token allowed)
             self.stats.forced += len(forced)
+            skip_draws(self.sampler, len(forced))  # the batch samples them
             return list(forced), [self._one_hot(t, self._width) for t in forced]
         pending = self.rest[0]
         fed = [pending, *forced, *draft]
@@ -349,6 +371,7 @@ class Solo:
         self._width = logits.shape[-1]
         decided = list(forced)
         rows: list[Any] = [self._one_hot(t, logits.shape[-1]) for t in forced]
+        skip_draws(self.sampler, len(forced))  # the batch samples them
         context = [*self.history, *forced]
         for i in range(len(draft) + 1):
             row = logits[i][None]
@@ -365,8 +388,7 @@ class Solo:
             context.append(token)
         accepted = len(decided) - len(forced) - 1
         rejected = len(draft) - accepted
-        if rejected:
-            trim_prompt_cache(self.cache, rejected)
+        cut_back(self.cache, rejected)
         self.tokens += fed[: len(fed) - rejected]
         self._learn(len(draft), accepted)
         if not (
@@ -408,16 +430,13 @@ class Solo:
 
     def _draft(self, forced: list[int]) -> tuple[list[int], str]:
         """A draft worth verifying (maybe empty) and where it came from."""
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
         self._since_draft += 1
         room = min(self._max_draft, self.remaining - 1 - len(forced))
-        if (
-            room <= 0
-            or self._ends_with(forced)
-            or not can_trim_prompt_cache(self.cache)
-        ):
-            return [], ""  # a rejected draft could not be taken back
+        undo = undo_room(self.cache)  # a rejected draft must be taken back
+        if undo is not None:
+            room = min(room, undo - 1 - len(forced))
+        if room <= 0 or self._ends_with(forced):
+            return [], ""
         history = [*self.history, *forced] if forced else self.history
         draft, source = [], ""
         if self._lookup is not None:

@@ -1,0 +1,251 @@
+"""Where two engine features meet: the invariants of the lone -> batch handoff.
+
+The scheduler is driven step by step on the test's own thread (no worker, no
+clock), so "another request arrives after step k" is exact:
+
+- the grammar has consumed exactly the decided tokens when a lone request
+  moves into the batch (a planned step with forced tokens and a draft is
+  dropped there);
+- a seeded key is split once per decided token, whichever path decides it
+  (forced tokens, drafts, the batch), so seeded sampled output is the same
+  alone, batched and without the fast paths;
+- the KV cache holds exactly the decided tokens, also for rotating (sliding
+  window) caches that cannot be cut back once they are full.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from langchain_mlx._constraints import ConstraintCompiler, json_schema_grammar
+from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.prefix_cache import PrefixCache
+from langchain_mlx.engine.scheduler import Scheduler
+from langchain_mlx.engine.types import (
+    Final,
+    GenerationSettings,
+    Request,
+    Segment,
+)
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "city": {"type": "string", "maxLength": 12},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+# The prompt shows the answer's shape, so prompt lookup drafts inside it.
+PROMPT = 'Answer in JSON like {"name": "Ann", "age": 3, "city": "Rome"}: someone.'
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_path: str) -> tuple[Any, Any]:
+    from mlx_lm import load
+
+    return load(tiny_model_path)  # type: ignore[return-value]
+
+
+def make_scheduler(loaded: tuple[Any, Any]) -> Scheduler:
+    model, tokenizer = loaded
+    return Scheduler(
+        model,
+        tokenizer,
+        eos_ids=sorted(tokenizer.eos_token_ids),
+        prefix_cache=PrefixCache(0, 0),  # nothing reused: each run from scratch
+        on_done=lambda reason: None,
+        max_batch_size=4,
+        measured_costs=False,  # the fixed cost model: no clock decides a draft
+    )
+
+
+def structured(loaded: tuple[Any, Any], **settings: Any) -> Request:
+    _, tokenizer = loaded
+    compiler = ConstraintCompiler.for_tokenizer(tokenizer)
+    grammar = compiler.processor(json_schema_grammar(SCHEMA), "the schema")
+    return Request(
+        prompt_ids=tokenizer.encode(PROMPT),
+        settings=GenerationSettings(**{"max_tokens": 60, **settings}),
+        constraint=grammar,
+    )
+
+
+def plain(loaded: tuple[Any, Any], text: str = "Hello there.") -> Request:
+    _, tokenizer = loaded
+    settings = GenerationSettings(max_tokens=12, prompt_lookup=False)
+    return Request(prompt_ids=tokenizer.encode(text), settings=settings)
+
+
+def events(handle: RequestHandle) -> Iterator[Segment | Final | BaseException]:
+    while not handle._sync_q.empty():
+        yield handle._sync_q.get()
+
+
+def run(
+    scheduler: Scheduler,
+    first: Request,
+    *,
+    join_after: int | None = None,
+    joiner: Request | None = None,
+) -> tuple[str, Final]:
+    """Decode `first`; after `join_after` steps another request arrives."""
+    handle = RequestHandle(lambda: None)
+    scheduler.add(handle, first, 0.0, 0)
+    text, final, steps = "", None, 0
+    while final is None:
+        if steps == join_after:
+            assert joiner is not None
+            scheduler.add(RequestHandle(lambda: None), joiner, 0.0, 1)
+        scheduler.step()
+        steps += 1
+        for event in events(handle):
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Segment):
+                text += event.text
+            else:
+                final = event
+        assert steps < 500, "the request never finished"
+    while scheduler.busy:  # let the other request finish too
+        scheduler.step()
+    return text, final
+
+
+def test_a_lone_structured_request_joined_at_any_step_stays_valid(
+    loaded: tuple[Any, Any],
+) -> None:
+    scheduler = make_scheduler(loaded)
+    alone, final = run(scheduler, structured(loaded))
+    assert final.forced_tokens > 0 and final.drafted_tokens > 0  # both ran
+    assert set(json.loads(alone)) == {"name", "age", "city"}
+    for k in range(1, 9):
+        text, _ = run(
+            make_scheduler(loaded),
+            structured(loaded),
+            join_after=k,
+            joiner=plain(loaded),
+        )
+        assert set(json.loads(text)) == {"name", "age", "city"}, (k, text)
+        assert text == alone, k  # greedy: the same answer however scheduled
+
+
+def test_the_handoff_leaves_the_grammar_at_the_decided_tokens(
+    loaded: tuple[Any, Any],
+) -> None:
+    # Step until a planned step holds forced tokens and a draft, then let
+    # company arrive: the plan is dropped, the grammar must not stay ahead.
+    scheduler = make_scheduler(loaded)
+    request = structured(loaded)
+    scheduler.add(RequestHandle(lambda: None), request, 0.0, 0)
+    planned = None
+    for _ in range(200):
+        scheduler.step()
+        solo = scheduler._solo
+        plan = getattr(solo, "_plan", None)
+        if plan is not None and plan[0]:  # validating a draft consumed them
+            planned = solo
+            break
+    assert planned is not None, "no step planned forced tokens"
+    scheduler.add(RequestHandle(lambda: None), plain(loaded), 0.0, 1)
+    scheduler.step()
+    assert scheduler._solo is None
+    grammar = request.constraint
+    assert grammar is not None
+    decided = len(planned.history) - planned.total
+    assert grammar.consumed == decided  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_seeded_sampled_structured_output_is_the_same_however_scheduled(
+    loaded: tuple[Any, Any], fast: bool
+) -> None:
+    seeded: dict[str, Any] = {"temperature": 0.9, "seed": 11}
+    if not fast:
+        seeded.update(fast_forward=False, prompt_lookup=False)
+    alone, final = run(make_scheduler(loaded), structured(loaded, **seeded))
+    if fast:
+        assert final.forced_tokens > 0
+    reference, _ = run(
+        make_scheduler(loaded),
+        structured(loaded, temperature=0.9, seed=11, fast_forward=False),
+        join_after=0,  # batched from the first step: sampled at every position
+        joiner=plain(loaded),
+    )
+    assert alone == reference
+    json.loads(alone)
+
+
+WINDOW = 48
+
+
+class SlidingWindow:
+    """The tiny llama with sliding-window caches (as Gemma 3's local layers)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.model, self.args, self.layers = inner.model, inner.args, inner.layers
+
+    def __call__(self, x: Any, cache: Any = None) -> Any:
+        return self._inner(x, cache=cache)
+
+    def make_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import RotatingKVCache
+
+        return [RotatingKVCache(max_size=WINDOW) for _ in self.layers]
+
+
+class Contrary:
+    """A draft model that proposes the token the model likes least."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self.layers = inner, inner.layers
+
+    def __call__(self, x: Any, cache: Any = None) -> Any:
+        return -self._inner(x, cache=cache)
+
+
+def test_a_draft_never_crosses_a_sliding_window_it_cannot_take_back(
+    loaded: tuple[Any, Any],
+) -> None:
+    # Every draft is rejected and must be cut back off the cache. The prompt
+    # ends just below the window, so the first verify pass of a full draft
+    # would cross it; past it, a rotating cache cannot be cut back.
+    from langchain_mlx.engine.model_facts import cache_length
+
+    model, tokenizer = loaded
+    windowed = SlidingWindow(model)
+    prompt = tokenizer.encode("one two three four five six seven " * 12)
+    prompt = prompt[: WINDOW - 3]
+
+    def decode(draft: bool) -> tuple[list[int], Final]:
+        scheduler = make_scheduler((windowed, tokenizer))
+        if draft:
+            scheduler.draft_model = Contrary(model)
+        handle = RequestHandle(lambda: None)
+        settings = GenerationSettings(
+            max_tokens=30, prompt_lookup=False, num_draft_tokens=6 if draft else 0
+        )
+        scheduler.add(handle, Request(prompt_ids=prompt, settings=settings), 0.0, 0)
+        tokens: list[int] = []
+        while scheduler.busy:
+            solo = scheduler._solo
+            scheduler.step()
+            if solo is not None and scheduler._solo is solo:
+                # the KV cache holds exactly the tokens decided and fed
+                assert cache_length(solo.cache) == solo.fed
+                tokens = solo.history[len(prompt) :]
+        (*_, final) = events(handle)
+        assert isinstance(final, Final), final
+        return tokens, final
+
+    plain, _ = decode(draft=False)
+    drafted, final = decode(draft=True)
+    assert final.drafted_tokens > 0 and final.accepted_tokens == 0
+    assert drafted[: len(plain)] == plain
