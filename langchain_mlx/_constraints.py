@@ -379,7 +379,8 @@ class GrammarLogitsProcessor:
         past = min(n, self._past_end)
         self._past_end -= past
         if n > past and not self._matcher.rollback(n - past):
-            msg = f"constrained decoding could not step back: {self._matcher.get_error()}"
+            error = self._matcher.get_error()
+            msg = f"constrained decoding could not step back: {error}"
             raise ConstraintViolationError(msg)
         self._consumed -= n
 

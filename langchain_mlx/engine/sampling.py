@@ -52,6 +52,7 @@ class SeededSampler:
         self._inv_temp = 1.0 / s.temperature
 
     def __call__(self, logprobs: Any) -> Any:
+        """One draw from the filtered, tempered distribution."""
         import mlx.core as mx
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
