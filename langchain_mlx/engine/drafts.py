@@ -131,21 +131,34 @@ class PromptLookup:
 
 
 class DraftModel:
-    """Greedy drafts from a small model with the same tokenizer (its own cache)."""
+    """Greedy drafts from a small model with the same tokenizer (its own cache).
+
+    One per engine: its KV cache follows the latest sequence and is kept
+    between requests, so an agent's next step (the same conversation, longer)
+    reads only what is new, as the target model's prefix cache does. A long
+    new prompt is read in chunks of `CATCH_UP` tokens, one chunk per step with
+    no draft, so a step stays short (close, cancellation and admission wait
+    for steps).
+    """
+
+    CATCH_UP = 256
 
     def __init__(self, model: Any) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
-        self._model = model
+        self.model = model
         self._cache = make_prompt_cache(model)
         self._tokens: list[int] = []  # what its cache holds
         self.caught_up = 0
         """Tokens the last draft first had to read (a new prompt: many)."""
 
     def draft(self, history: Sequence[int], k: int) -> list[int]:
-        """`k` greedy tokens after `history` (its cache follows `history`)."""
+        """`k` greedy tokens after `history` (its cache follows `history`).
+
+        Empty while it is still reading a long new stretch of `history`.
+        """
         import mlx.core as mx
-        from mlx_lm.models.cache import trim_prompt_cache
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
         if k <= 0:
             return []
@@ -154,18 +167,21 @@ class DraftModel:
         while same < limit and self._tokens[same] == history[same]:
             same += 1
         if same < len(self._tokens):
-            trim_prompt_cache(self._cache, len(self._tokens) - same)
+            extra = len(self._tokens) - same
+            if trim_prompt_cache(self._cache, extra) != extra:  # not cut back:
+                self._cache = make_prompt_cache(self.model)  # read it all again
+                same = 0
             del self._tokens[same:]
         feed = list(history[same:])
         self.caught_up = len(feed)
-        while len(feed) > 512:  # a long new prompt: in chunks
-            self._model(mx.array(feed[:512])[None], cache=self._cache)
+        if len(feed) > self.CATCH_UP:  # a long new stretch: one chunk a step
+            self.model(mx.array(feed[: self.CATCH_UP])[None], cache=self._cache)
             mx.eval([c.state for c in self._cache])
-            self._tokens += feed[:512]
-            feed = feed[512:]
+            self._tokens += feed[: self.CATCH_UP]
+            return []
         out: list[int] = []
         for _ in range(k):
-            logits = self._model(mx.array(feed)[None], cache=self._cache)
+            logits = self.model(mx.array(feed)[None], cache=self._cache)
             self._tokens += feed
             token = int(mx.argmax(logits[0, -1]).item())  # type: ignore[arg-type]
             out.append(token)

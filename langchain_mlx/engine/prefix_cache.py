@@ -119,6 +119,7 @@ class PrefixCache:
             self.misses += 1
             return None, 0
         cache = copy.deepcopy(self._lru._trie.get(_KEY, stored).prompt_cache)
+        self._touch(stored)
         if len(stored) > cached:
             trim_prompt_cache(cache, len(stored) - cached)
         if not _holds(cache, cached):
@@ -127,6 +128,19 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += cached
         return cache, cached
+
+    def _touch(self, tokens: list[int]) -> None:
+        """A hit makes an entry the most recently used of its kind.
+
+        `LRUPromptCache` orders entries by insertion only; its eviction takes
+        the least recently *stored* entry, however often it is read.
+        """
+        order = self._lru._lru  # LRUPromptCache.CacheOrder (mlx-lm 0.32)
+        for lru in order._lrus.values():
+            if (_KEY, tokens) in lru:
+                lru.remove((_KEY, tokens))
+                lru.append((_KEY, tokens))
+                return
 
     def reusable(self, prompt: Sequence[int]) -> int:
         """How many leading tokens of `prompt` `fetch` would reuse (no copy made)."""
@@ -175,16 +189,15 @@ class PrefixCache:
         not kept. `kind` is `LRUPromptCache`'s cache type: "system" entries
         (saved prefixes) are evicted after "assistant" ones.
         """
-        if self.enabled and tokens and cache:
+        if self.enabled and tokens and cache and self._fits(tokens, used_bytes(cache)):
             self._insert(tokens, owned_copy(cache), kind)
 
-    def _insert(self, tokens: Sequence[int], held: list[Any], kind: str) -> None:
-        """Keep `held` (an `owned_copy`), unless it alone exceeds the byte budget.
+    def _fits(self, tokens: Sequence[int], size: int) -> bool:
+        """Whether an entry of `size` bytes can be kept at all.
 
         `LRUPromptCache` would first evict every other entry to make room, then
-        the new one too.
+        the new one too. Checked before copying: a copy is as large as it.
         """
-        size = sum(int(c.nbytes) for c in held)
         if size > self._lru.max_bytes:
             logger.debug(
                 "not caching %d tokens: %d bytes exceed the budget of %d",
@@ -192,8 +205,38 @@ class PrefixCache:
                 size,
                 self._lru.max_bytes,
             )
+            return False
+        return True
+
+    def _insert(self, tokens: Sequence[int], held: list[Any], kind: str) -> None:
+        """Keep `held` (an `owned_copy`), keeping the priority of what it covers.
+
+        A trimmable entry replaces the stored prefixes it extends; a saved
+        ("system") prefix among them would lose its place (system entries go
+        last) the first time a request that starts with it finishes. It stays
+        an entry of its own instead.
+        """
+        if not self._fits(tokens, sum(int(c.nbytes) for c in held)):
             return
-        self._lru.insert_cache(_KEY, list(tokens), held, cache_type=kind)
+        tokens = list(tokens)
+        kept = self._system_prefixes(tokens) if kind != "system" else []
+        self._lru.insert_cache(_KEY, tokens, held, cache_type=kind)
+        for prefix, entry in kept:
+            if self._lru._trie.search(_KEY, prefix).exact is None:
+                self._lru.insert_cache(
+                    _KEY, prefix, entry.prompt_cache, cache_type="system"
+                )
+
+    def _system_prefixes(self, tokens: list[int]) -> list[tuple[list[int], Any]]:
+        """The saved ("system") entries that are proper prefixes of `tokens`."""
+        out = []
+        for kind, lru in self._lru._lru._lrus.items():
+            if kind != "system":
+                continue
+            for _, stored in lru:
+                if len(stored) < len(tokens) and tokens[: len(stored)] == stored:
+                    out.append((list(stored), self._lru._trie.get(_KEY, stored)))
+        return out
 
     # -- persistence ----------------------------------------------------------
 
@@ -380,6 +423,21 @@ def owned_copy(cache: Sequence[Any]) -> list[Any]:
     states = tree_flatten([c.state for c in held])
     mx.eval([a for _, a in states if isinstance(a, mx.array)])
     return held
+
+
+def used_bytes(cache: Sequence[Any]) -> int:
+    """Bytes an `owned_copy` of `cache` would hold (no copy is made)."""
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for layer in cache:
+        inner = getattr(layer, "caches", None)  # CacheList
+        state = used_bytes(inner) if inner is not None else _used_state(layer)
+        if isinstance(state, int):
+            total += state
+            continue
+        total += sum(int(getattr(a, "nbytes", 0)) for _, a in tree_flatten(state))
+    return total
 
 
 def _owned_layer(layer: Any) -> Any:

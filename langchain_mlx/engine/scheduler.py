@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_mlx.engine.drafts import StepCosts
+from langchain_mlx.engine.drafts import DraftModel, StepCosts
 from langchain_mlx.engine.guards import (
     copy_error,
     guarded,
@@ -139,6 +139,7 @@ class Scheduler(SoloLane):
         self._head_probed = not split_head
         self.draft_model = draft_model
         """A small model with the same tokenizer that drafts tokens, or None."""
+        self._draft: DraftModel | None = None  # its drafter, cache kept
 
     @property
     def busy(self) -> bool:

@@ -37,6 +37,7 @@ class SoloLane:
     _head: Any
     _head_probed: bool
     _undo_limit: int | None
+    _draft: DraftModel | None
     draft_model: Any
 
     @property
@@ -107,9 +108,7 @@ class SoloLane:
             fast_forward=settings.fast_forward,
             lookup=settings.prompt_lookup,
             num_draft_tokens=settings.num_draft_tokens,
-            draft_model=(
-                DraftModel(self.draft_model) if self.draft_model is not None else None
-            ),
+            draft_model=self._drafter(),
             costs=self._costs,
             logprobs=settings.logprobs,
             pipelined=settings.temperature == 0 or settings.seed is None,
@@ -118,6 +117,14 @@ class SoloLane:
         live.stats = solo.stats
         self._track(live, uid, cached)
         self._solo = solo
+
+    def _drafter(self) -> DraftModel | None:
+        """The engine's draft model with its KV cache (kept between requests)."""
+        if self.draft_model is None:
+            return None
+        if self._draft is None or self._draft.model is not self.draft_model:
+            self._draft = DraftModel(self.draft_model)
+        return self._draft
 
     def _output_head(self) -> Any:
         """The model's output layer when passes can skip it (probed at first use)."""

@@ -249,3 +249,92 @@ def test_a_draft_never_crosses_a_sliding_window_it_cannot_take_back(
     drafted, final = decode(draft=True)
     assert final.drafted_tokens > 0 and final.accepted_tokens == 0
     assert drafted[: len(plain)] == plain
+
+
+# -- the prefix cache: recency, saved prefixes, the budget before the copy --------
+
+
+def prefilled(loaded: tuple[Any, Any], tokens: list[int]) -> list[Any]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = loaded
+    cache = make_prompt_cache(model)
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def seq(start: int, n: int = 20) -> list[int]:
+    return list(range(start, start + n))
+
+
+def test_a_hit_makes_an_entry_the_most_recently_used(loaded: tuple[Any, Any]) -> None:
+    cache = PrefixCache(entries=2)
+    a, b, c = seq(100), seq(300), seq(500)
+    cache.store(a, prefilled(loaded, a))
+    cache.store(b, prefilled(loaded, b))
+    assert cache.fetch([*a, 7])[1] == len(a)  # a is used again...
+    cache.store(c, prefilled(loaded, c))  # ...so b, not a, makes room
+    assert cache.reusable([*a, 7]) == len(a)
+    assert cache.reusable([*b, 7]) == 0
+
+
+def test_a_saved_prefix_keeps_its_priority_once_used(
+    loaded: tuple[Any, Any], tmp_path: Any
+) -> None:
+    model, _ = loaded
+    cache = PrefixCache(entries=3)
+    system = seq(100)
+    cache.save(tmp_path / "system.safetensors", model, system, name="tiny")
+    turn = [*system, *seq(900, 10)]  # a request that starts with it finished
+    cache.store(turn, prefilled(loaded, turn))
+    for start in (300, 500, 700):  # three more conversations fill the cache
+        cache.store(seq(start), prefilled(loaded, seq(start)))
+    assert cache.reusable([*system, 1]) == len(system)
+
+
+def test_an_entry_over_the_budget_is_not_copied(loaded: tuple[Any, Any]) -> None:
+    import gc
+
+    import mlx.core as mx
+
+    tokens = seq(100, 200)
+    kv = prefilled(loaded, tokens)
+    from langchain_mlx.engine.prefix_cache import used_bytes
+
+    cache = PrefixCache(entries=4, nbytes=used_bytes(kv) - 1)
+    gc.collect()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    cache.store(tokens, kv)
+    assert cache.entries == 0
+    assert mx.get_peak_memory() - before < used_bytes(kv) // 2
+
+
+def test_the_draft_model_keeps_its_cache_between_requests(
+    loaded: tuple[Any, Any],
+) -> None:
+    # An agent's next step resends the conversation: the draft model reads
+    # only what is new, and a long new stretch one chunk per step.
+    from langchain_mlx.engine.drafts import DraftModel
+
+    model, tokenizer = loaded
+    scheduler = make_scheduler(loaded)
+    scheduler.draft_model = model
+    settings = GenerationSettings(max_tokens=8, prompt_lookup=False)
+    history = tokenizer.encode("The story so far. " * 100)  # > CATCH_UP tokens
+    assert len(history) > DraftModel.CATCH_UP
+    for step in range(2):
+        request = Request(prompt_ids=history, settings=settings)
+        scheduler.add(RequestHandle(lambda: None), request, 0.0, step)
+        read = []
+        while scheduler.busy:
+            scheduler.step()
+            drafter = scheduler._draft
+            if drafter is not None:
+                read.append(drafter.caught_up)
+        assert max(read) <= DraftModel.CATCH_UP
+        if step == 1:  # the earlier conversation was not read again
+            assert sum(read) < len(history) // 2, read
+        history = [*history, *tokenizer.encode(" And then more happened.")]
