@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import (
@@ -38,6 +38,7 @@ from langchain_mlx._control_tokens import (
     encode_with_placeholders,
     free_guard,
 )
+from langchain_mlx._json import json_ready, json_text
 
 # Blocks an assistant turn may carry that the template gets elsewhere or drops:
 # tool calls travel in `tool_calls`; earlier reasoning is not re-sent (chat
@@ -63,50 +64,62 @@ class ChatTemplateError(ValueError):
 
 
 def message_to_dict(
-    message: BaseMessage, *, calls_as_text: bool = False
+    message: BaseMessage, *, calls_as_text: bool = False, where: str | None = None
 ) -> dict[str, Any]:
     """Convert one LangChain message to the dict chat templates expect.
 
     `calls_as_text`: write an AI message's tool calls into its content as bare
     JSON lines (for templates that cannot render `tool_calls`; it is the format
     the tools fallback instruction asks for), instead of dropping them.
+    `where` names the message in errors (default: its class).
+
+    Raises:
+        UnsupportedContentError: a content block is not text (or a text block
+            without a string).
+        ValueError: a tool call's arguments are not a JSON object (or a JSON
+            object string), or hold a value without a JSON form.
+
     """
+    where = where or type(message).__name__
     if isinstance(message, SystemMessage):
-        out: dict[str, Any] = {"role": "system", "content": _text(message, "system")}
+        content = _text(message, "system", where)
+        out: dict[str, Any] = {"role": "system", "content": content}
     elif isinstance(message, HumanMessage):
-        out = {"role": "user", "content": _text(message, "user")}
+        out = {"role": "user", "content": _text(message, "user", where)}
     elif isinstance(message, AIMessage):
-        content = _text(message, "assistant")
+        content = _text(message, "assistant", where)
         # A call that did not parse is still what the model said: keep its text.
         raw = [_raw_call_text(c.get("args")) for c in message.invalid_tool_calls]
         content = "\n".join(p for p in [content, *raw] if p)
-        if calls_as_text and message.tool_calls:
+        calls = [
+            (call, call_arguments(call.get("args"), _call_label(where, i, call)))
+            for i, call in enumerate(message.tool_calls)
+        ]
+        if calls_as_text and calls:
             lines = [
-                json.dumps(
-                    {"name": c["name"], "arguments": c["args"]}, ensure_ascii=False
-                )
-                for c in message.tool_calls
+                json.dumps({"name": c["name"], "arguments": a}, ensure_ascii=False)
+                for c, a in calls
             ]
             content = "\n".join(p for p in [content, *lines] if p)
         out = {"role": "assistant", "content": content}
-        if message.tool_calls and not calls_as_text:
+        if calls and not calls_as_text:
             out["tool_calls"] = [
                 {
                     "id": call.get("id") or f"call_{i}",
                     "type": "function",
-                    "function": {"name": call["name"], "arguments": call["args"]},
+                    "function": {"name": call["name"], "arguments": arguments},
                 }
-                for i, call in enumerate(message.tool_calls)
+                for i, (call, arguments) in enumerate(calls)
             ]
     elif isinstance(message, ToolMessage):
-        content = _text(message, "tool")
+        content = _text(message, "tool", where)
         if message.status == "error" and not content.lower().startswith("error"):
             content = f"Error: {content}"
         out = {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
     elif isinstance(message, FunctionMessage):
-        out = {"role": "tool", "content": _text(message, "tool")}
+        out = {"role": "tool", "content": _text(message, "tool", where)}
     elif isinstance(message, ChatMessage):
-        out = {"role": message.role, "content": _text(message, message.role)}
+        out = {"role": message.role, "content": _text(message, message.role, where)}
     else:
         msg = (
             f"cannot render a {type(message).__name__} for a chat template; use "
@@ -116,6 +129,62 @@ def message_to_dict(
     if message.name and "name" not in out:
         out["name"] = message.name
     return out
+
+
+def _call_label(where: str, index: int, call: Mapping[str, Any]) -> str:
+    return f"{where}: tool_calls[{index}] ({call.get('name')!r}, id {call.get('id')!r})"
+
+
+def call_arguments(args: Any, where: str) -> dict[str, Any]:
+    """A tool call's arguments as a JSON-ready dict (a JSON object string parsed).
+
+    Raises:
+        ValueError: `args` is not a dict or a JSON object string, or holds a
+            value without a JSON form; the message starts with `where`.
+
+    """
+    if isinstance(args, str):
+        try:
+            args = json.loads(args, strict=False) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            shown = args if len(args) <= 60 else args[:57] + "..."
+            msg = (
+                f"{where} has arguments that are not valid JSON ({e}): {shown!r}; "
+                "pass the arguments as a dict or a JSON object string"
+            )
+            raise ValueError(msg) from e
+    if not isinstance(args, Mapping):
+        msg = (
+            f"{where} has arguments that are not a JSON object (got "
+            f"{type(args).__name__}); pass a dict of argument names to values"
+        )
+        raise ValueError(msg)  # noqa: TRY004 (also a JSON string's value)
+    ready: dict[str, Any] = json_ready(args, where, "args")
+    return ready
+
+
+def check_openai_tool_calls(messages: Any) -> None:
+    """Check OpenAI-style message dicts' `function.arguments` before LangChain.
+
+    `convert_to_messages` parses them with a bare `json.loads`; a call that is
+    not JSON fails there with a `JSONDecodeError` that names no message.
+
+    Raises:
+        ValueError: the message and tool call whose arguments are not JSON.
+
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        return
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue
+        calls = message.get("tool_calls")
+        for j, call in enumerate(calls if isinstance(calls, list) else []):
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                label = f"messages[{i}] ({message.get('role', message.get('type'))})"
+                named = {"name": function.get("name"), "id": call.get("id")}
+                call_arguments(function.get("arguments"), _call_label(label, j, named))
 
 
 def _raw_call_text(args: Any) -> str:
@@ -135,27 +204,34 @@ def _raw_call_text(args: Any) -> str:
     return text
 
 
-def _text(message: BaseMessage, role: str) -> str:
+def _text(message: BaseMessage, role: str, where: str) -> str:
     content = message.content
     if isinstance(content, str):
         return content
     parts: list[str] = []
-    for block in content:
+    for i, block in enumerate(content):
         if isinstance(block, str):
             parts.append(block)
             continue
         kind = block.get("type")
         if kind == "text":
-            parts.append(str(block.get("text", "")))
+            if not isinstance(text := block.get("text"), str):
+                msg = (
+                    f"{where}: content[{i}] is a text block whose 'text' is "
+                    f"{text!r}; its 'text' must be a string: {{'type': 'text', "
+                    "'text': '...'}} (drop the block if there is no text)"
+                )
+                raise UnsupportedContentError(msg)
+            parts.append(text)
         elif role == "assistant" and kind in _AI_BLOCKS_CARRIED_ELSEWHERE:
             continue
         elif kind == "json" and "json" in block:  # e.g. a tool's structured result
-            parts.append(json.dumps(block["json"], ensure_ascii=False))
+            parts.append(json_text(block["json"], where, f"content[{i}].json"))
         else:
             msg = (
-                f"{type(message).__name__} has a content block of type {kind!r}; "
-                "this model takes text only (text blocks and strings). Describe "
-                "the content in text, or use a multimodal model."
+                f"{where}: content[{i}] is a block of type {kind!r}; this model "
+                "takes text only (text blocks and strings). Describe the content "
+                "in text, or use a multimodal model."
             )
             raise UnsupportedContentError(msg)
     return "".join(parts)
@@ -171,10 +247,17 @@ def messages_to_dicts(
     if not messages:
         msg = "the conversation is empty: pass at least one message"
         raise ValueError(msg)
-    dicts = [message_to_dict(m, calls_as_text=calls_as_text) for m in messages]
+    dicts = [
+        message_to_dict(m, calls_as_text=calls_as_text, where=_label(i, m))
+        for i, m in enumerate(messages)
+    ]
     if system_message is not None and not any(d["role"] == "system" for d in dicts):
-        dicts.insert(0, message_to_dict(system_message))
+        dicts.insert(0, message_to_dict(system_message, where="system_message"))
     return dicts
+
+
+def _label(index: int, message: BaseMessage) -> str:
+    return f"messages[{index}] ({type(message).__name__})"
 
 
 def merge_system_into_first_user(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -269,10 +352,9 @@ def _template_inputs(
     dicts = messages_to_dicts(messages, system_message, calls_as_text=calls_as_text)
     added = len(dicts) - len(messages)  # 1 when `system_message` was put in front
     for i, d in enumerate(dicts):
-        if i < added:
-            where = "system_message"
-        else:
-            where = f"messages[{i - added}] ({type(messages[i - added]).__name__})"
+        where = (
+            "system_message" if i < added else _label(i - added, messages[i - added])
+        )
         _check_unicode(d, where, "")
     tool_list = [dict(t) for t in tools] if tools else None
     for i, tool in enumerate(tool_list or []):

@@ -27,6 +27,8 @@ from langchain_core.runnables import (
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from langchain_mlx._tools import check_schema_dict
+
 METHODS = ("json_schema", "function_calling", "json_mode")
 
 
@@ -44,6 +46,7 @@ def response_format_for(schema: Any, method: str) -> dict[str, Any]:
     """The `response_format` to bind for `json_schema` / `json_mode`."""
     if method == "json_mode":
         return {"type": "json_object"}
+    check_schema_dict("the response schema", schema)
     try:
         json_schema = convert_to_json_schema(schema)
     except Exception as e:

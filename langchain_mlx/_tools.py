@@ -26,6 +26,7 @@ from langchain_mlx._constraints import (
     tool_call_grammar,
     tool_or_answer_grammar,
 )
+from langchain_mlx._json import json_ready, json_text
 
 FORMATS_WE_CAN_FORCE = {"json_tools"}  # mlx-lm parser modules whose calls are JSON
 
@@ -107,6 +108,7 @@ def _format_tool(index: int, tool: Any) -> dict[str, Any]:
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     where = f"tools[{index}]"
+    check_schema_dict(where, tool)
     try:
         converted = convert_to_openai_tool(tool)
     except Exception as e:
@@ -139,7 +141,8 @@ def _format_tool(index: int, tool: Any) -> dict[str, Any]:
         raise TypeError(msg)
     if "parameters" in function:
         _check_parameters(f"tool {name!r}", function["parameters"])
-    return dict(converted)
+    ready: dict[str, Any] = json_ready(converted, f"tool {name!r}")
+    return ready
 
 
 def _no_name(where: str, tool: Any) -> ValueError:
@@ -209,6 +212,22 @@ def _check_parameters(where: str, schema: Any) -> None:
         )
         raise ValueError(msg)
     _check_schema(where, schema, "parameters")
+
+
+def check_schema_dict(where: str, value: Any) -> None:
+    """Check the `type` values of a dict given as a JSON schema, before LangChain.
+
+    LangChain's conversion drops a schema's top-level `type` unless it has
+    `properties`, so `{"title": ..., "type": "objekt"}` would turn into a
+    schema that accepts anything. Tool dicts (OpenAI, Anthropic, Bedrock) are
+    checked after conversion.
+    """
+    if (
+        isinstance(value, dict)
+        and "title" in value  # how LangChain tells a JSON schema from a tool
+        and not value.keys() & {"name", "function", "toolSpec", "input_schema"}
+    ):
+        _check_schema(where, value, "schema")
 
 
 def _check_schema(where: str, schema: Any, path: str) -> None:
@@ -526,9 +545,10 @@ def _response_schema(response_format: Any) -> tuple[dict[str, Any], str, str]:
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema", spec)
+        _check_schema("the response schema", schema, "schema")
         text = (
             "Answer with a JSON object that matches this JSON schema:\n"
-            + json.dumps(schema, ensure_ascii=False)
+            + json_text(schema, "the response schema", "schema")
         )
         return schema, "the response schema", text
     msg = (

@@ -34,6 +34,7 @@ from langchain_core.language_models.chat_models import (
 from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, model_validator
@@ -47,6 +48,7 @@ from langchain_mlx._call import (
     request_for,
     with_last_message_checkpoint,
 )
+from langchain_mlx._messages import check_openai_tool_calls
 from langchain_mlx._output import ChunkAssembler
 from langchain_mlx._settings import SamplingFields, call_settings, ls_params
 from langchain_mlx._structured import (
@@ -283,6 +285,12 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         return ls_params(str(self.model), settings, stop, kwargs)
 
     # -- one generation path -------------------------------------------------
+
+    def _convert_input(self, model_input: LanguageModelInput) -> PromptValue:
+        # LangChain parses OpenAI-style calls with a bare json.loads: name the
+        # message and call whose arguments are not JSON instead.
+        check_openai_tool_calls(model_input)
+        return super()._convert_input(model_input)
 
     def _engine_for(self, model: str | None) -> tuple[Engine, Any, str]:
         """The engine, tokenizer and name for this call (`model=` overrides)."""
@@ -527,6 +535,12 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         schema; `"json_mode"` constrains to some JSON object (describe the
         fields in the prompt). With `include_raw=True` the result is
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`.
+
+        Raises:
+            ValueError: an unknown `method`, or a schema with a `type` that is
+                not a JSON Schema type (named with its path).
+            TypeError: `schema` cannot be turned into a JSON schema.
+
         """
         if kwargs:
             msg = f"unsupported arguments for with_structured_output: {sorted(kwargs)}"

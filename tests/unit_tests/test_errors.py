@@ -7,21 +7,32 @@ random-weight model with one thing broken.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
 import pytest
-from langchain_core.messages import AIMessageChunk
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field, model_validator
 
 from langchain_mlx import cli
+from langchain_mlx._messages import UnsupportedContentError, messages_to_dicts
 from langchain_mlx._tools import format_tools
 from langchain_mlx.engine.types import (
     ContextWindowExceededError,
@@ -628,6 +639,151 @@ def test_bind_tools_checks_tools(tiny_model_path: str) -> None:
         "get_weather",
         "Add",
     ]
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _dict_of(message: BaseMessage, *, calls_as_text: bool = False) -> dict[str, Any]:
+    return messages_to_dicts(
+        [HumanMessage("hi"), message], None, calls_as_text=calls_as_text
+    )[1]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [{"type": "text", "text": None}, {"type": "text"}, {"type": "text", "text": 5}],
+)
+def test_text_block_without_a_string(block: dict[str, Any]) -> None:
+    with pytest.raises(UnsupportedContentError) as info:
+        messages_to_dicts([SystemMessage("s"), HumanMessage(["ok", block])], None)
+    message = str(info.value)
+    assert message.startswith("messages[1] (HumanMessage): content[1] is a text ")
+    assert "'text' must be a string" in message
+    assert "None" not in _dict_of(HumanMessage([{"type": "text", "text": "x"}]))
+
+
+def test_unsupported_block_names_the_message_and_block() -> None:
+    image = {"type": "image", "url": "https://example.com/x.png"}
+    with pytest.raises(UnsupportedContentError) as info:
+        messages_to_dicts([HumanMessage("a"), HumanMessage(["b", image])], None)
+    assert str(info.value).startswith(
+        "messages[1] (HumanMessage): content[1] is a block of type 'image'"
+    )
+
+
+def _with_args(args: Any) -> AIMessage:
+    """An AIMessage whose call holds `args` as is (LangChain validates only at init)."""
+    message = AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "c1"}])
+    message.tool_calls[0]["args"] = args
+    return message
+
+
+def test_tool_call_arguments_as_a_json_string() -> None:
+    as_dict = _dict_of(_with_args({"a": 1}))
+    assert _dict_of(_with_args('{"a": 1}')) == as_dict
+    with pytest.raises(
+        ValueError, match=r"^messages\[1\] \(AIMessage\): tool_calls\[0\]"
+    ):
+        _dict_of(_with_args("{bad"))
+    with pytest.raises(ValueError) as info:
+        _dict_of(_with_args("[1, 2]"))
+    assert "not a JSON object" in str(info.value)
+
+
+def test_openai_style_arguments_that_are_not_json(tiny_model_path: str) -> None:
+    from langchain_mlx import ChatMLX
+
+    chat = ChatMLX(model=tiny_model_path, max_tokens=1)
+    call = {"id": "c1", "type": "function"}
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {**call, "function": {"name": "f", "arguments": "{}"}},
+            {**call, "function": {"name": "g", "arguments": "{bad"}},
+        ]},
+        {"role": "tool", "content": "r", "tool_call_id": "c1"},
+    ]  # fmt: skip
+    with pytest.raises(ValueError) as info:
+        chat.invoke(history)
+    assert not isinstance(info.value, json.JSONDecodeError)
+    message = str(info.value)
+    assert message.startswith("messages[1] (assistant): tool_calls[1] ('g', id 'c1')")
+    assert "not valid JSON" in message
+    # the same calls from a model (additional_kwargs) stay what it said: its text
+    kept = AIMessage("", additional_kwargs={"tool_calls": history[1]["tool_calls"]})
+    assert "{bad" in _dict_of(kept)["content"]
+
+
+def test_tool_call_arguments_render_as_json_values() -> None:
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    args = {
+        "when": when,
+        "day": [datetime.date(2024, 1, 2), datetime.time(3, 4)],
+        "key": key,
+        "price": decimal.Decimal("1.50"),
+        "path": PurePosixPath("/tmp/x"),
+    }
+    expected = {
+        "when": "2024-01-02T03:04:05+00:00",
+        "day": ["2024-01-02", "03:04:00"],
+        "key": "12345678-1234-5678-1234-567812345678",
+        "price": "1.50",
+        "path": "/tmp/x",
+    }
+    message = AIMessage("", tool_calls=[{"name": "f", "args": args, "id": "c1"}])
+    rendered = _dict_of(message)["tool_calls"][0]["function"]["arguments"]
+    assert rendered == expected
+    as_text = _dict_of(message, calls_as_text=True)["content"]
+    assert json.loads(as_text) == {"name": "f", "arguments": expected}
+    result = ToolMessage([{"type": "json", "json": {"at": when}}], tool_call_id="c1")
+    assert json.loads(_dict_of(result)["content"]) == {"at": expected["when"]}
+
+
+def test_tool_call_argument_without_a_json_form() -> None:
+    message = AIMessage(
+        "", tool_calls=[{"name": "f", "args": {"x": [1, {"o": object()}]}, "id": "c1"}]
+    )
+    for calls_as_text in (False, True):
+        with pytest.raises(ValueError) as info:
+            _dict_of(message, calls_as_text=calls_as_text)
+        text = str(info.value)
+        assert text.startswith("messages[1] (AIMessage): tool_calls[0] ('f', id 'c1')")
+        assert "args.x[1].o = <object object at" in text
+
+
+# ---------------------------------------------------------------- schemas
+
+
+@pytest.mark.parametrize(
+    ("schema", "phrase"),
+    [
+        ({"title": "X", "type": "objekt"}, "schema.type is 'objekt'"),
+        (
+            {"title": "X", "type": "object", "properties": {"a": {"type": "strin"}}},
+            "schema.properties.a.type is 'strin'",
+        ),
+    ],
+)
+def test_schema_with_an_invalid_type(
+    tiny_model_path: str, schema: dict[str, Any], phrase: str
+) -> None:
+    from langchain_mlx import ChatMLX
+
+    chat = ChatMLX(model=tiny_model_path, max_tokens=2)
+    with pytest.raises(ValueError) as info:
+        chat.with_structured_output(schema)
+    assert phrase in str(info.value)
+    assert "JSON Schema types are array, boolean, integer" in str(info.value)
+    response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+    with pytest.raises(ValueError, match=phrase.replace(".", r"\.")):
+        chat.invoke("hi", response_format=response_format)  # before generating
+    tool = {**schema, "description": "d"}
+    with pytest.raises(ValueError, match=r"'(objekt|strin)'"):
+        chat.bind_tools([tool])
+    with pytest.raises(ValueError, match=r"'(objekt|strin)'"):
+        chat.with_structured_output(tool, method="function_calling")
 
 
 # ---------------------------------------------------------------- settings
