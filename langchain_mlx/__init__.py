@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         RequestFailedError,
     )
     from langchain_mlx.llms import MLXPipeline
-    from langchain_mlx.models.prepare import ModelPreparationError
+    from langchain_mlx.models.errors import ModelPreparationError
 
 try:
     __version__ = metadata.version(__package__ or "langchain-mlx")
@@ -51,7 +51,7 @@ _LAZY = {
     "EngineStoppedError": "langchain_mlx.engine.types",
     "GenerationTimeoutError": "langchain_mlx.engine.types",
     "ModelLoadError": "langchain_mlx.engine.types",
-    "ModelPreparationError": "langchain_mlx.models.prepare",
+    "ModelPreparationError": "langchain_mlx.models.errors",
     "PromptCacheError": "langchain_mlx.engine.types",
     "RequestFailedError": "langchain_mlx.engine.types",
     "UnencodableTextError": "langchain_mlx._control_tokens",

@@ -16,7 +16,8 @@ from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
-from langchain_mlx.engine.encoder import DType, EmbeddingModelConfig, TextEncoder
+from langchain_mlx.engine.encoder import TextEncoder
+from langchain_mlx.models.bert import DType, EmbeddingModelConfig
 from langchain_mlx.models.embedding import (
     DEFAULT_EMBEDDING_MODEL,
     read_embedding_folder,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from langchain_mlx.models.prepare import write_tiny_model
+from tests.tiny_models import write_tiny_model
 
 
 @pytest.fixture(scope="session")

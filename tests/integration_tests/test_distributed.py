@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from langchain_mlx.models.prepare import prepare_model, write_tiny_model
+from langchain_mlx.models.prepare import prepare_model
+from tests.tiny_models import write_tiny_model
 
 APP = Path(__file__).with_name("distributed_app.py")
 BIN = Path(sys.executable).parent

@@ -23,7 +23,8 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests
 
 from langchain_mlx.embeddings import MLXEmbeddings
-from langchain_mlx.models.embedding import MARKER_FILE, prepare_embedding_model
+from langchain_mlx.models.embedding import prepare_embedding_model
+from langchain_mlx.models.store import MARKER_FILE
 
 MODEL = "all-minilm-l6-v2"
 

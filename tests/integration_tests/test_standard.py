@@ -21,7 +21,8 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_mlx import ChatMLX
-from langchain_mlx.models.prepare import DEFAULT_MODEL, write_tiny_model
+from langchain_mlx.models.prepare import DEFAULT_MODEL
+from tests.tiny_models import write_tiny_model
 
 from .test_standard_qwen import NEEDS_A_CAPABLE_MODEL
 

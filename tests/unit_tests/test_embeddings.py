@@ -26,9 +26,10 @@ from pydantic import ValidationError
 from langchain_mlx.embeddings import MLXEmbeddings
 from langchain_mlx.engine.types import ModelLoadError
 from langchain_mlx.models import embedding as prep
-from langchain_mlx.models.prepare import MARKER_FILE, ModelPreparationError
-from langchain_mlx.models.tiny import write_tiny_bert
+from langchain_mlx.models.errors import ModelPreparationError
+from langchain_mlx.models.store import MARKER_FILE
 from tests.integration_tests.test_embeddings_minilm import NumpyBert, cosines
+from tests.tiny_models import write_tiny_bert
 
 TEXTS = [
     "the cat sat on the road",

@@ -44,12 +44,12 @@ from langchain_mlx.models import prepare as _models
 from langchain_mlx.models.prepare import (
     KNOWN_MODELS,
     ModelPreparationError,
-    cache_dir,
     check_model_folder,
     load_model,
     prepare_model,
     prepare_tokenizer,
 )
+from langchain_mlx.models.store import cache_dir
 
 # ---------------------------------------------------------------- broken folders
 

