@@ -81,8 +81,9 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
 
     Setup:
         ```bash
-        pip install "langchain-mlx[cpu]"   # Linux CPU; [cuda] for NVIDIA
-        pip install langchain-mlx          # macOS on Apple silicon
+        # from a checkout (the PyPI name langchain-mlx is an unrelated project)
+        pip install -e ".[cpu]"   # Linux CPU; [cuda] for NVIDIA
+        pip install -e .          # macOS on Apple silicon
         langchain-mlx models prepare smollm2-135m-instruct   # optional: offline model
         ```
 

@@ -83,8 +83,9 @@ class MLXPipeline(LLM, EngineFields):
     """A local language model run by MLX through mlx-lm.
 
     Setup:
-        `pip install "langchain-mlx[cpu]"` on Linux (`[cuda]` for NVIDIA),
-        `pip install langchain-mlx` on Apple silicon.
+        From a checkout: `pip install -e ".[cpu]"` on Linux (`[cuda]` for
+        NVIDIA), `pip install -e .` on Apple silicon (the README has wheels and
+        git URLs; the PyPI name `langchain-mlx` is an unrelated project).
 
     Instantiate:
         ```python
