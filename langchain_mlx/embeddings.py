@@ -3,9 +3,10 @@
 Flow: ``MLXEmbeddings(model=...)`` resolves the model
 (`models.embedding.resolve_embedding_model`: a prepared name, a folder or a hub
 id), reads its folder (`read_embedding_folder`: sizes, pooling, Normalize, max
-length) and takes the folder's one `engine.encoder.TextEncoder`;
-``embed_documents``/``aembed_documents`` hand it the texts, which it tokenizes,
-batches by length and runs on its own thread.
+length, prompts) and takes the folder's one `engine.encoder.TextEncoder`;
+``embed_query``/``embed_documents`` (and their async twins) put the query or
+document prompt before each text and hand the texts to the encoder, which
+tokenizes them, batches by length and runs on its own thread.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class MLXEmbeddings(BaseModel, Embeddings):
             sentence-transformers config says.
         dtype: "float32" | "bfloat16" | "float16"
             The dtype the encoder runs in.
+        query_prompt / document_prompt: str | None
+            Text put before each query / document; ``None`` takes the model's
+            own prompts (e5: ``"query: "`` / ``"passage: "``).
 
     Instantiate:
         .. code-block:: python
@@ -72,6 +76,18 @@ class MLXEmbeddings(BaseModel, Embeddings):
 
             vector = await embed.aembed_query("What is the capital of France?")
             vectors = await embed.aembed_documents(["Paris is in France."])
+
+    Prompts:
+        .. code-block:: python
+
+            # the folder's config_sentence_transformers.json holds
+            # {"prompts": {"query": "query: ", "passage": "passage: "}}
+            e5 = MLXEmbeddings(model="path/to/e5-small-v2")
+            e5.embed_query("capital of France")  # embeds "query: capital of France"
+            e5.embed_documents(["Paris is ..."])  # embeds "passage: Paris is ..."
+            plain = MLXEmbeddings(
+                model="path/to/e5-small-v2", query_prompt="", document_prompt=""
+            )
 
     Vector store:
         .. code-block:: python
@@ -107,6 +123,18 @@ class MLXEmbeddings(BaseModel, Embeddings):
     """The dtype the encoder runs in. ``float32`` gives the model's own vectors
     (cosine 1.000000 to a float32 reference); ``bfloat16`` runs about 2x faster
     on `mlx[cpu]` and stays close (cosine >= 0.9998 on all-MiniLM-L6-v2)."""
+    query_prompt: str | None = None
+    """Text put before each query (`embed_query`). ``None``: the model's own, as
+    sentence-transformers' ``encode_query`` picks it from
+    ``config_sentence_transformers.json`` (the ``"query"`` prompt, else the
+    ``default_prompt_name`` one, else none); ``""``: none. Like
+    ``HuggingFaceEmbeddings(query_encode_kwargs={"prompt": ...})``."""
+    document_prompt: str | None = None
+    """Text put before each document (`embed_documents`). ``None``: the model's
+    own, as sentence-transformers' ``encode_document`` picks it (the
+    ``"document"``, ``"passage"`` or ``"corpus"`` prompt, else the
+    ``default_prompt_name`` one, else none); ``""``: none. Like
+    ``HuggingFaceEmbeddings(encode_kwargs={"prompt": ...})``."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -137,28 +165,26 @@ class MLXEmbeddings(BaseModel, Embeddings):
         return self._config.dimensions
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        """Embed texts; one vector per text, in order."""
-        _check_texts(texts)
-        if not texts:
-            return []
-        return self._live_encoder().embed(texts, **self._settings())
+        """Embed texts (after the document prompt); one vector per text, in order."""
+        texts = self._prompted(texts, query=False)
+        return self._live_encoder().embed(texts, **self._settings()) if texts else []
 
     def embed_query(self, text: str) -> list[float]:
-        """Embed one text."""
-        _check_texts([text])
-        return self.embed_documents([text])[0]
+        """Embed one text (after the query prompt)."""
+        texts = self._prompted([text], query=True)
+        return self._live_encoder().embed(texts, **self._settings())[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed texts without blocking the event loop; one vector per text."""
-        _check_texts(texts)
+        texts = self._prompted(texts, query=False)
         if not texts:
             return []
         return await self._live_encoder().aembed(texts, **self._settings())
 
     async def aembed_query(self, text: str) -> list[float]:
         """Embed one text without blocking the event loop."""
-        _check_texts([text])
-        return (await self.aembed_documents([text]))[0]
+        texts = self._prompted([text], query=True)
+        return (await self._live_encoder().aembed(texts, **self._settings()))[0]
 
     def close(self) -> None:
         """Free the model's memory (for every `MLXEmbeddings` sharing it).
@@ -171,6 +197,18 @@ class MLXEmbeddings(BaseModel, Embeddings):
         if not self._encoder.alive:
             self._encoder = TextEncoder.for_config(self._config, self.dtype)
         return self._encoder
+
+    def _prompted(self, texts: list[str], *, query: bool) -> list[str]:
+        """``texts`` checked, each after the query or the document prompt."""
+        _check_texts(texts)
+        if query:
+            prompt = self.query_prompt
+            default = self._config.query_prompt
+        else:
+            prompt = self.document_prompt
+            default = self._config.document_prompt
+        prompt = default if prompt is None else prompt
+        return [prompt + text for text in texts]
 
     def _settings(self) -> dict[str, Any]:
         normalize = self._config.normalize if self.normalize is None else self.normalize

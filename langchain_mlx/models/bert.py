@@ -61,6 +61,9 @@ class EmbeddingModelConfig:
     tokenizer_file: Path
     lowercase: bool
     weights: Path
+    # prepended to each text (sentence-transformers' prompts; "" for none)
+    query_prompt: str = ""
+    document_prompt: str = ""
 
     @property
     def dimensions(self) -> int:

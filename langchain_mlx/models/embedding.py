@@ -8,13 +8,15 @@ Flow::
                                           into cache_dir()/models/<name>, atomically
         -> read_embedding_folder(folder)  config.json, tokenizer, weights, and the
                                           sentence-transformers modules: pooling
-                                          mode, Normalize, max_seq_length
+                                          mode, Normalize, max_seq_length,
+                                          the query and document prompts
 
 A folder is a Hugging Face BERT checkpoint (``config.json`` with ``model_type``
 ``bert``, ``model.safetensors``, ``tokenizer.json`` or ``vocab.txt``), optionally
 with the sentence-transformers files (``modules.json``, ``1_Pooling/config.json``,
-``sentence_bert_config.json``). Without them it is pooled as sentence-transformers
-would: mean of the tokens, not normalized.
+``sentence_bert_config.json``, ``config_sentence_transformers.json``). Without
+them it is pooled as sentence-transformers would: mean of the tokens, not
+normalized, no prompt.
 
 This module imports neither mlx nor numpy at import time.
 """
@@ -66,6 +68,10 @@ POOLING_KEYS: dict[str, Pooling] = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
 }
+# The prompt names sentence-transformers' encode_query / encode_document look for,
+# in order; without one, the model's default prompt (if any) is used.
+_QUERY_PROMPTS = ("query",)
+_DOCUMENT_PROMPTS = ("document", "passage", "corpus")
 _ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _FIX_FOLDER = (
     "pass a sentence-transformers or Hugging Face BERT folder (config.json, "
@@ -346,6 +352,9 @@ def read_embedding_folder(folder: str | Path) -> EmbeddingModelConfig:
         )
     if not isinstance(max_seq, int) or max_seq <= 0 or max_seq > limit:
         max_seq = limit
+    query_prompt, document_prompt = _prompts(
+        root / "config_sentence_transformers.json", where
+    )
     return EmbeddingModelConfig(
         folder=body,
         pooling=pooling,
@@ -354,6 +363,8 @@ def read_embedding_folder(folder: str | Path) -> EmbeddingModelConfig:
         tokenizer_file=tokenizer_file,
         lowercase=lowercase,
         weights=weights,
+        query_prompt=query_prompt,
+        document_prompt=document_prompt,
         **sizes,
     )
 
@@ -369,6 +380,40 @@ def _read_json(file: Path, where: str, *, default: Any) -> Any:
             "from the original model"
         )
         raise ModelLoadError(msg) from e
+
+
+def _prompts(file: Path, where: str) -> tuple[str, str]:
+    """The query and the document prompt, chosen as sentence-transformers does."""
+    settings = _read_json(file, where, default={})
+    if not isinstance(settings, dict):
+        msg = f"{where}: {file.name} must hold a JSON object"
+        raise ModelLoadError(msg)
+    prompts = settings.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(v, str) for v in prompts.values()
+    ):
+        msg = (
+            f"{where}: in {file.name}, prompts must map prompt names to strings "
+            f'(e.g. {{"query": "query: "}}), got {prompts!r}; copy the file again '
+            "from the original model"
+        )
+        raise ModelLoadError(msg)
+    default_name = settings.get("default_prompt_name")
+    if default_name is not None and (
+        not isinstance(default_name, str) or default_name not in prompts
+    ):
+        msg = (
+            f"{where}: in {file.name}, default_prompt_name {default_name!r} is not "
+            f"one of its prompts ({', '.join(map(repr, prompts)) or 'none'}); "
+            "copy the file again from the original model"
+        )
+        raise ModelLoadError(msg)
+    default = prompts[default_name] if default_name is not None else ""
+
+    def first(names: tuple[str, ...]) -> str:
+        return next((prompts[name] for name in names if name in prompts), default)
+
+    return first(_QUERY_PROMPTS), first(_DOCUMENT_PROMPTS)
 
 
 def _bert_sizes(config: dict[str, Any], where: str) -> dict[str, Any]:

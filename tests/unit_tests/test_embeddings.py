@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -218,6 +219,98 @@ def test_close_frees_the_model_and_a_later_call_reloads(tmp_path: Path) -> None:
     embed.close()  # twice is fine
     assert cosines(embed.embed_query("the cat"), before) > 0.99999
     assert embed._encoder is not encoder
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def _with_prompts(tiny_bert: Path, folder: Path, settings: dict[str, Any]) -> Path:
+    """A copy of the tiny BERT with a config_sentence_transformers.json."""
+    shutil.copytree(tiny_bert, folder)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    return folder
+
+
+E5 = {"prompts": {"query": "query: ", "passage": "passage: "}}
+BGE_QUERY = "Represent this sentence for searching relevant passages: "
+
+
+@pytest.mark.parametrize(
+    ("settings", "query", "document"),
+    [
+        (E5, "query: ", "passage: "),
+        ({"prompts": {"query": BGE_QUERY}, "default_prompt_name": None}, BGE_QUERY, ""),
+        (
+            {"prompts": {"query": "q: ", "document": "d: ", "passage": "p: "}},
+            "q: ",
+            "d: ",
+        ),
+        ({"prompts": {"sts": "sts: "}, "default_prompt_name": "sts"}, "sts: ", "sts: "),
+        ({"prompts": {"sts": "sts: "}}, "", ""),
+    ],
+)
+async def test_the_models_prompts_are_prepended(
+    embed: MLXEmbeddings,
+    tiny_bert: Path,
+    tmp_path: Path,
+    settings: dict[str, Any],
+    query: str,
+    document: str,
+) -> None:
+    folder = _with_prompts(tiny_bert, tmp_path / "prompted", settings)
+    prompted = MLXEmbeddings(model=str(folder))
+    texts = ["x", "the cat sat"]
+    # `embed` is the same weights without prompts: the prompt is plain text
+    expected_query = embed.embed_documents([query + "x"])[0]
+    expected_documents = embed.embed_documents([document + t for t in texts])
+    np.testing.assert_allclose(prompted.embed_query("x"), expected_query, atol=1e-6)
+    np.testing.assert_allclose(
+        prompted.embed_documents(texts), expected_documents, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        await prompted.aembed_query("x"), expected_query, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        await prompted.aembed_documents(texts), expected_documents, atol=1e-6
+    )
+    if query:
+        assert cosines(prompted.embed_query("x"), embed.embed_query("x")) < 0.999
+
+
+def test_prompts_can_be_set_or_turned_off(
+    embed: MLXEmbeddings, tiny_bert: Path, tmp_path: Path
+) -> None:
+    folder = _with_prompts(tiny_bert, tmp_path / "e5", E5)
+    off = MLXEmbeddings(model=str(folder), query_prompt="", document_prompt="")
+    np.testing.assert_allclose(off.embed_query("x"), embed.embed_query("x"), atol=1e-6)
+    np.testing.assert_allclose(
+        off.embed_documents(["x"]), embed.embed_documents(["x"]), atol=1e-6
+    )
+    mine = MLXEmbeddings(model=str(tiny_bert), query_prompt="search: ")
+    expected = embed.embed_documents(["search: x"])[0]
+    np.testing.assert_allclose(mine.embed_query("x"), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        mine.embed_documents(["x"]), embed.embed_documents(["x"]), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"prompts": ["query: "]}, "prompts must map prompt names to strings"),
+        ({"prompts": {"query": 1}}, "prompts must map prompt names to strings"),
+        (
+            {"prompts": {"query": "q: "}, "default_prompt_name": "passage"},
+            "default_prompt_name 'passage' is not one of its prompts",
+        ),
+    ],
+)
+def test_broken_prompt_settings_say_what_is_wrong(
+    tiny_bert: Path, tmp_path: Path, settings: dict[str, Any], message: str
+) -> None:
+    folder = _with_prompts(tiny_bert, tmp_path / "bad", settings)
+    with pytest.raises(ModelLoadError, match=message):
+        MLXEmbeddings(model=str(folder))
 
 
 # ------------------------------------------------------------------ errors

@@ -1,7 +1,8 @@
 """The package's import graph: no cycles, the store and errors at the bottom.
 
-Every ``import`` inside ``langchain_mlx/`` counts, at module level or inside a
-function (a lazy import still makes two modules depend on each other). That
+Every ``import`` inside ``langchain_mlx/`` counts, at module level, inside a
+function or under ``TYPE_CHECKING`` (a lazy or type-only import still makes two
+modules depend on each other: put what both need below both). That
 ``import langchain_mlx`` imports no mlx is checked in test_chat_models.py,
 test_embeddings.py and test_errors.py.
 """
@@ -92,7 +93,10 @@ def test_the_graph_sees_lazy_and_relative_imports() -> None:
 
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
-    assert cycle is None, " -> ".join(cycle or [])
+    assert cycle is None, (
+        " -> ".join(cycle or []) + ": move what they share into a module below both "
+        "(types, a Protocol), so imports only go down"
+    )
 
 
 def test_store_and_errors_are_at_the_bottom_of_models() -> None:
