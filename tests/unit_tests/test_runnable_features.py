@@ -1,12 +1,11 @@
-"""Inherited LangChain features, end to end on the tiny model."""
+"""Inherited LangChain features where they meet our code, on the tiny model."""
 
 from __future__ import annotations
 
 import pytest
-from langchain_core.rate_limiters import InMemoryRateLimiter
-from langchain_core.runnables import RunnableLambda
 
 from langchain_mlx import ChatMLX
+from langchain_mlx.engine.types import GenerationTimeoutError
 
 SAMPLED = {"temperature": 1.0, "seed": 3}
 
@@ -45,40 +44,21 @@ def test_disable_streaming_still_gives_one_chunk(tiny_model_path: str) -> None:
     assert chunks[0].content == chat.invoke("Hi", **SAMPLED).content
 
 
-def test_rate_limiter_is_consulted(tiny_model_path: str) -> None:
-    limiter = InMemoryRateLimiter(
-        requests_per_second=100, check_every_n_seconds=0.01, max_bucket_size=1
-    )
-    chat = ChatMLX(model=tiny_model_path, max_tokens=2, rate_limiter=limiter)
-    calls = []
-    original = limiter.acquire
-    limiter.acquire = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
-    chat.invoke("Hi")
-    chat.invoke("Hi")
-    assert len(calls) == 2
-
-
-def test_with_retry_and_with_fallbacks(chat: ChatMLX) -> None:
-    attempts = []
-
-    def flaky(x: str) -> str:
-        attempts.append(x)
-        if len(attempts) < 2:
-            raise RuntimeError("transient")
-        return x
-
-    chain = (
-        RunnableLambda(flaky).with_retry(
-            stop_after_attempt=3, wait_exponential_jitter=False
-        )
-        | chat
-    )
-    assert chain.invoke("Hi").usage_metadata["output_tokens"] == 6
-    broken = chat.bind(temprature=1)  # a typo: rejected with a clear error...
-    with pytest.raises(ValueError, match="unknown generation setting"):
-        broken.invoke("Hi")
-    rescued = broken.with_fallbacks([chat])  # ...which a fallback can catch
-    assert rescued.invoke("Hi").usage_metadata["output_tokens"] == 6
+async def test_an_error_on_the_engine_thread_reaches_every_reader(
+    chat: ChatMLX,
+) -> None:
+    # the timeout is checked by the engine's scheduler, on its own thread
+    before = chat.invoke("Hi", **SAMPLED).content
+    late = chat.bind(timeout=1e-9, max_tokens=5000)
+    with pytest.raises(GenerationTimeoutError):
+        late.invoke("Hi")
+    with pytest.raises(GenerationTimeoutError):
+        list(late.stream("Hi"))
+    with pytest.raises(GenerationTimeoutError):
+        [c async for c in late.astream("Hi")]
+    failed = late.batch(["Hi", "Ho"], return_exceptions=True)
+    assert [type(e) for e in failed] == [GenerationTimeoutError] * 2
+    assert chat.invoke("Hi", **SAMPLED).content == before  # the engine serves on
 
 
 def test_custom_get_token_ids(tiny_model_path: str) -> None:
