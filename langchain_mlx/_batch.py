@@ -4,7 +4,7 @@
 threads by default) and `abatch` per input in tasks: their requests reach the
 engine whenever each thread or task gets there, so how they group depends on
 scheduling. Here each input runs inside a slot of one `SubmissionGroup` (see
-engine/group.py), which queues the requests together once every running input
+engine/intake.py), which queues the requests together once every running input
 has submitted (or failed before submitting), so they decode as one batch.
 """
 
@@ -17,7 +17,7 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ContextThreadPoolExecutor, get_config_list
 from langchain_core.runnables.utils import gather_with_concurrency
 
-from langchain_mlx.engine.group import SubmissionGroup
+from langchain_mlx.engine.intake import SubmissionGroup
 
 
 def batch_together(

@@ -19,6 +19,7 @@ from langchain_mlx._constraints import ConstraintCompiler
 from langchain_mlx._messages import render_prompt
 from langchain_mlx._output import ChunkAssembler
 from langchain_mlx._tools import CallPlan, template_renders_tools
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.prefix_cache import common_length
 from langchain_mlx.engine.types import (
     Event,
@@ -26,7 +27,6 @@ from langchain_mlx.engine.types import (
     Request,
     TextRules,
 )
-from langchain_mlx.engine.worker import Engine
 
 
 def request_for(

@@ -63,10 +63,10 @@ from langchain_mlx._tools import (
     model_profile,
     plan_call,
 )
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.handle import aread, read
 from langchain_mlx.engine.prefix_cache import common_length
 from langchain_mlx.engine.types import Request
-from langchain_mlx.engine.worker import Engine
 from langchain_mlx.llms import EngineFields, MLXPipeline
 from langchain_mlx.models.prepare import DEFAULT_MODEL
 

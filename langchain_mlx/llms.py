@@ -26,6 +26,7 @@ from langchain_mlx._constraints import constraint_from_spec
 from langchain_mlx._output import response_metadata, usage_metadata
 from langchain_mlx._settings import GenerationSettings, canonical_settings
 from langchain_mlx.engine.distributed import join_group
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.handle import aread, read
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
@@ -34,7 +35,6 @@ from langchain_mlx.engine.types import (
     Segment,
     TextRules,
 )
-from langchain_mlx.engine.worker import Engine
 from langchain_mlx.models.prepare import DEFAULT_MODEL, load_model, resolve_model
 from langchain_mlx.models.sharding import load_sharded
 

@@ -211,6 +211,8 @@ class StepSharing:
         self.timeout = GROUP_TIMEOUT_SECONDS
         self._heartbeat: Heartbeat | None = None
         self._chunk = -1  # the prefill step of the last plan sent or received
+        self.seed = 0
+        """The group's random seed (rank 0's, shared in `hello`)."""
 
     # -- the exchange -----------------------------------------------------------
 
@@ -268,7 +270,8 @@ class StepSharing:
                 "same model on every rank"
             )
             raise DistributedError(msg)
-        mx.random.seed(theirs.seed)  # unseeded sampling draws the same everywhere
+        self.seed = theirs.seed  # requests' own seeds derive from it
+        mx.random.seed(theirs.seed)  # anything else random starts alike
         if heartbeat is not None and theirs.heartbeat_port is not None:
             self._heartbeat = heartbeat
             if self.leader:
@@ -281,6 +284,36 @@ class StepSharing:
                 "no rank 0 address in MLX_HOSTFILE: a rank that dies is noticed "
                 "only if MLX's collectives report it"
             )
+
+    def agree(self, digest: int) -> None:
+        """Raise `DistributedError` on every rank unless all ranks' digests match.
+
+        One small collective: the sum of each rank's digest and its square is
+        `size * d` and `size * d**2` exactly when every rank has `d`.
+        """
+        import mlx.core as mx
+        import numpy as np
+        from mlx_lm.generate import generation_stream
+
+        d = digest % (1 << 20)
+        try:
+            with mx.stream(generation_stream):
+                total = mx.distributed.all_sum(
+                    mx.array([d, d * d], dtype=mx.int64), group=self.group
+                )
+                got = [int(v) for v in np.asarray(total)]
+        except Exception as e:
+            raise self.broken(e) from e
+        if got != [self.size * d, self.size * d * d]:
+            msg = (
+                f"rank {self.rank} of the {self.size} ranks running {self.model!r} "
+                "no longer agrees with the others on the step (which requests "
+                "run, from how much cached prefix, or what the prefix cache "
+                "holds): something was decided from one rank's own state, or a "
+                "request failed on one rank only. The sharded model stops rather "
+                "than hang; restart every rank (mlx.launch ...)."
+            )
+            raise DistributedError(msg)
 
     def _lost(self, why: str) -> None:
         """The heartbeat ended without a goodbye: a rank is gone."""

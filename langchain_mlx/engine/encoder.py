@@ -10,10 +10,10 @@ Flow::
 
 The model itself (`BertEncoder`, `pool`, the tokenizer) is in `models/bert.py`.
 
-Why a worker thread: as in `worker.py`, all MLX work of one model runs on one
-thread, so callers from any thread or event loop meet in one queue (one batch
-at a time, callers interleaved batch by batch) and MLX's per-thread streams
-never see a second thread.
+Why a worker thread (thread.py's, as the engine's): all MLX work of one model
+runs on one thread, so callers from any thread or event loop meet in one queue
+(one batch at a time, callers interleaved batch by batch) and MLX's per-thread
+streams never see a second thread.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from langchain_mlx.engine.thread import WorkerThread, stop_jobs
 from langchain_mlx.engine.types import EngineStoppedError
 from langchain_mlx.models.bert import (
     BertEncoder,
@@ -44,55 +44,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
-
-
-class _Worker:
-    """A daemon thread that runs submitted functions in order, then parks.
-
-    It never exits: when a thread that ran MLX exits at interpreter exit, MLX's
-    thread-local state is destroyed and the process aborts ("terminate called
-    without an active exception"; the engine's worker parks for the same reason).
-    """
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._open = True
-        self._stopped = threading.Event()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def submit(
-        self, fn: Callable[[], T], *, stopped: str
-    ) -> concurrent.futures.Future[T]:
-        """Queue ``fn``; raise EngineStoppedError(``stopped``) after :meth:`stop`."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._lock:
-            if not self._open:
-                raise EngineStoppedError(stopped)
-            self._queue.put((fn, future))
-        return future
-
-    def stop(self, last: Callable[[], object]) -> None:
-        """Run what is queued, then ``last``; return when the thread has parked."""
-        with self._lock:
-            if not self._open:
-                return
-            self._open = False
-            self._queue.put((last, concurrent.futures.Future()))
-            self._queue.put(None)
-        self._stopped.wait()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except Exception as e:  # delivered to the caller; the thread lives on
-                future.set_exception(e)
-        self._stopped.set()
-        threading.Event().wait()  # park (see the class docstring)
 
 
 @dataclass(frozen=True)
@@ -112,14 +63,16 @@ class TextEncoder:
         self.dtype: DType = dtype
         self.tokenizer = load_tokenizer(config)
         self._key = (str(config.folder.resolve()), dtype)
-        self._worker = _Worker(f"langchain-mlx-embeddings[{config.folder.name}]")
+        self._worker = WorkerThread(f"langchain-mlx-embeddings[{config.folder.name}]")
+        self._worker.start()
+        self._lock = threading.Lock()  # submitting vs. closing
         self._model: Any = None
         try:
             self._model = self._worker.submit(
-                functools.partial(BertEncoder.load, config, dtype), stopped=""
+                functools.partial(BertEncoder.load, config, dtype)
             ).result()
         except BaseException:
-            self._worker.stop(_clear_cache)
+            stop_jobs(self._worker, _clear_cache)
             raise
 
     @classmethod
@@ -144,10 +97,11 @@ class TextEncoder:
         with self._registry_lock:
             if self._registry.get(self._key) is self:
                 del self._registry[self._key]
-        if self._model is None:
-            return
-        self._model = None  # batches still queued raise EngineStoppedError
-        self._worker.stop(_clear_cache)
+        with self._lock:
+            if self._model is None:
+                return
+            self._model = None  # batches still queued raise EngineStoppedError
+        stop_jobs(self._worker, _clear_cache)
 
     # -- one loop for sync and async: plan, run each batch on the worker, assemble
 
@@ -215,10 +169,12 @@ class TextEncoder:
     def _submit(
         self, batch: _Batch, normalize: bool
     ) -> concurrent.futures.Future[np.ndarray]:
-        return self._worker.submit(
-            functools.partial(self._forward, batch.ids, normalize),
-            stopped=self._closed_message(),
-        )
+        with self._lock:
+            if self._model is None:
+                raise EngineStoppedError(self._closed_message())
+            return self._worker.submit(
+                functools.partial(self._forward, batch.ids, normalize)
+            )
 
     def _closed_message(self) -> str:
         return (

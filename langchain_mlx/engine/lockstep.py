@@ -1,149 +1,115 @@
-"""The engine's worker on a sharded model: every rank steps in lockstep.
+"""The engine's driver on a sharded model: every rank steps in lockstep.
 
-`Lockstep` is the part of `Engine` (worker.py) that runs when the model is
-sharded over an MLX distributed group (distributed.py has the group, the plan
-and its exchange). Each worker iteration, rank 0 turns what it received into
-a `StepPlan` and shares it; every rank then applies the plan to its own
-scheduler and steps, so all ranks run the same forward passes. The other
-ranks never return from constructing the model (`_follow`); a rank that is
-lost fails rank 0's readers at once (`_group_lost`).
+distributed.py has the group, the plan and its exchange; this is the worker's
+loop around them. Each iteration, rank 0 turns what it received into a
+`StepPlan` and shares it; every rank applies the plan to its own scheduler and
+steps, so all ranks run the same forward passes. The other ranks never return
+from constructing the model (`follow`); a rank that is lost fails rank 0's
+readers at once (`Engine.fail_handles`).
+
+One rank-invariant policy: everything that must be the same on every rank is
+decided by rank 0 and carried in the plan, or computed from what every rank
+has alike, never from a rank's own clock, memory or random state:
+
+- new requests, with a random seed each when they sample without one
+  (`request_seed`: the group's shared seed and the submission number), so no
+  rank draws from MLX's process-global generator (another model in the same
+  process would move it on one rank only);
+- cancellations and timeouts (rank 0's readers and clock), the prefill step
+  size (rank 0's measurement); draft lengths follow a fixed cost model;
+- engine options, applied as the plan carries them (a `configure()` on rank 0
+  meanwhile waits for the next plan);
+- the prefix cache is bounded in tokens, not bytes (`PrefixCache.
+  count_tokens`): KV bytes per rank differ (head groups, uneven pipeline
+  stages), so byte budgets would evict, and then reuse, differently per rank.
+
+Before each forward pass the ranks check that they agree: a digest of the
+step's decisions (which requests run, from how many cached tokens, how far
+they are; what the prefix cache holds) is summed across the group, and a
+difference raises `DistributedError` on every rank at once instead of a hang
+or a wrong sum in the model's collectives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import queue
-import threading
 import time
-import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Protocol
 
-from langchain_mlx.engine.handle import RequestHandle
+from langchain_mlx.engine.intake import Intake, Submission
 from langchain_mlx.engine.types import DistributedError, EngineOptions
 
 if TYPE_CHECKING:
     from langchain_mlx.engine.distributed import StepPlan, StepSharing
     from langchain_mlx.engine.scheduler import Scheduler
+    from langchain_mlx.engine.thread import WorkerThread
 
 logger = logging.getLogger(__name__)
 
 
-class Lockstep:
-    """Mixin of `Engine`: the sharded worker loop (uses the engine's state)."""
+class Host(Protocol):
+    """What the driver uses of the engine that runs it (engine.py's `Engine`)."""
 
-    # the engine's state this part reads and sets (defined by Engine)
-    name: str
+    model: Any
     tokenizer: Any
-    _sharing: StepSharing | None
-    _failure: BaseException | None
-    _closing: bool
-    _handles: weakref.WeakSet[RequestHandle]
-    _queue: queue.SimpleQueue[Any]
-    _options: EngineOptions
-    _applied: EngineOptions | None
-    _parked: threading.Event
-    _registry: ClassVar[dict[tuple[Any, ...], Any]]
-    _registry_lock: ClassVar[threading.Lock]
-
-    def _take_items(self, *, block: bool) -> list[Any]:
-        raise NotImplementedError
-
-    def _request_done(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def _stopped_error(self) -> DistributedError | Exception:
-        raise NotImplementedError
-
-    def _apply_options(self, scheduler: Scheduler) -> None:
-        raise NotImplementedError
-
-    @classmethod
-    def _one_sharded_engine(cls, key: tuple[Any, ...]) -> None:
-        """Raise unless no other sharded engine runs (their steps would interleave)."""
-        with cls._registry_lock:
-            others = [
-                e for k, e in cls._registry.items()
-                if k != key and e._sharing is not None and e.alive
-            ]  # fmt: skip
-        if others:
-            msg = (
-                f"the sharded model {others[0].name!r} is already running in this "
-                "process; one sharded model per process is supported (every rank "
-                "steps it in lockstep). Close it first."
-            )
-            raise ValueError(msg)
+    intake: Intake
+    closing: bool
+    failure: BaseException | None
 
     @property
-    def sharded(self) -> tuple[int, int] | None:
-        """(rank, group size) when this engine runs a sharded model, else None."""
-        sharing = self._sharing
-        return None if sharing is None else (sharing.rank, sharing.size)
+    def options(self) -> EngineOptions:
+        """The options as last configured (read once per plan)."""
 
-    def _start_group(self, sharing: StepSharing) -> None:
-        """First step of every rank: agree on the model, seed and heartbeat."""
-        sharing.tokenizer = self.tokenizer
-        sharing.on_lost = self._group_lost
-        self._guard_group(sharing.hello, int(self.tokenizer.vocab_size))
+    def apply_options(self, scheduler: Scheduler, options: EngineOptions) -> None:
+        """Apply an options snapshot to the scheduler and prefix cache."""
 
-    def _end_group(self, sharing: StepSharing) -> None:
-        """Rank 0 closes the model: the other ranks end (status 0)."""
-        from langchain_mlx.engine.distributed import StepPlan
+    def stopped_error(self) -> Exception:
+        """The error for requests the engine cannot finish."""
 
-        self._guard_group(sharing.share, StepPlan(close=True))
-        sharing.end()
+    def fail_handles(self, error: DistributedError) -> None:
+        """The group is lost: fail every reader now (another thread)."""
 
-    def _follow(self) -> None:
-        """A rank > 0: serve rank 0's steps, then end the process."""
-        self._parked.wait()
-        sharing = self._sharing
-        assert sharing is not None
-        log_memory(sharing, "stops")
-        if not sharing.closed_by_leader:
-            logger.error("%s", self._failure or "the sharded engine stopped")
-        sharing.exit_follower(0 if sharing.closed_by_leader else 1)
 
-    def _group_lost(self, error: DistributedError) -> None:
-        """Rank 0 (heartbeat thread): a rank is gone; fail every reader now.
+class LockstepDriver:
+    """Rank 0 plans each step; every rank applies the plan and steps."""
 
-        The worker may be blocked in a collective that never returns, so the
-        readers are told here, not by the worker.
-        """
-        self._failure = error
-        self._closing = True
-        if self._sharing is not None:
-            self._sharing.abandon()  # the ranks still alive end too
-        for handle in list(self._handles):
-            handle._put(DistributedError(str(error)))
-        self._queue.put(None)
+    def __init__(
+        self, engine: Host, scheduler: Scheduler, sharing: StepSharing
+    ) -> None:
+        self._engine = engine
+        self._scheduler = scheduler
+        self._sharing = sharing
+        self._options: EngineOptions = engine.options  # as every rank applied
+        scheduler.prefix_count_tokens(kv_bytes_per_token(engine.model))
+        sharing.tokenizer = engine.tokenizer
+        sharing.on_lost = engine.fail_handles
+        self._guard(sharing.hello, int(engine.tokenizer.vocab_size))
 
-    def _guard_group(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _guard(self, fn: Any, *args: Any) -> Any:
         """Run a collective; a failure stops the engine with DistributedError."""
         try:
             return fn(*args)
         except DistributedError as e:
-            self._failure = e
+            self._engine.failure = e
             raise
 
-    def _step_shared(self, scheduler: Scheduler, sharing: StepSharing) -> bool:
-        """One worker iteration of a sharded model, the same on every rank.
-
-        Rank 0 turns what it received into a `StepPlan` and shares it; then
-        every rank applies the plan to its scheduler and steps. False: stop.
-        """
+    def step(self) -> bool:
+        """One worker iteration, the same on every rank. False: stop."""
         from langchain_mlx.engine.distributed import StepPlan, shareable_request
 
-        mine: dict[int, Any] = {}
+        engine, scheduler, sharing = self._engine, self._scheduler, self._sharing
+        mine: dict[int, Submission] = {}
         plan = StepPlan()
         if sharing.leader:
-            submissions = self._take_items(block=not scheduler.busy)
-            if self._closing:
+            submissions = engine.intake.take(block=not scheduler.busy)
+            if engine.closing:
                 for s in submissions:
-                    s.handle._put(self._stopped_error())
-                    self._request_done("error")
+                    engine.intake.end_unscheduled(s, engine.stopped_error())
                 return False
+            submissions = [self._seeded(s) for s in submissions]
             mine = {s.number: s for s in submissions}
-            options = self._options
+            options = engine.options  # one snapshot: what this plan carries
             plan = StepPlan(
                 requests=[
                     (s.number, s.request, shareable_request(s.request)[1])
@@ -151,41 +117,96 @@ class Lockstep:
                 ],
                 gone=scheduler.gone(),
                 prefill_chunk=scheduler.prefill_chunk,
-                options=options if options is not self._applied else None,
+                options=options if options is not self._options else None,
             )
         try:
-            plan = self._guard_group(sharing.share, plan)
-            if self._failure is not None:  # lost meanwhile: the sum is not to trust
-                raise self._failure
+            plan = self._guard(sharing.share, plan)
+            if engine.failure is not None:  # lost meanwhile: the sum is not to trust
+                raise engine.failure
         except DistributedError as e:
             for s in mine.values():  # taken from the queue, not yet scheduled
-                s.handle._put(DistributedError(str(e)))
-                self._request_done("error")
+                engine.intake.end_unscheduled(s, DistributedError(str(e)))
             raise
         if plan.close:
             sharing.closed_by_leader = True
             sharing.end()
             return False
-        self._apply_plan(scheduler, plan, mine)
-        scheduler.step(gone=plan.gone)
+        self._apply(plan, mine)
+        scheduler.step(gone=plan.gone, agree=self._agree)
         return True
 
-    def _apply_plan(
-        self, scheduler: Scheduler, plan: StepPlan, mine: dict[int, Any]
-    ) -> None:
+    def _seeded(self, s: Submission) -> Submission:
+        """Rank 0: a sampled request without a seed gets one from the group's."""
+        settings = s.request.settings
+        if settings.temperature == 0 or settings.seed is not None:
+            return s
+        seed = request_seed(self._sharing.seed, s.number)
+        request = dataclasses.replace(
+            s.request, settings=dataclasses.replace(settings, seed=seed)
+        )
+        return dataclasses.replace(s, request=request)
+
+    def _apply(self, plan: StepPlan, mine: dict[int, Submission]) -> None:
         """Admit the plan's requests and options (a follower's copies read nothing)."""
-        assert self._sharing is not None
         if plan.options is not None:
             self._options = plan.options
         for number, request, _ in plan.requests:
             s = mine.get(number)
             if s is not None:
-                scheduler.add(s.handle, s.request, s.submitted, number)
+                self._scheduler.add(s.handle, s.request, s.submitted, number)
             else:
                 sink = self._sharing.sink()
-                scheduler.add(sink, request, time.perf_counter(), number)
-        self._apply_options(scheduler)
-        scheduler.prefill_chunk = plan.prefill_chunk
+                self._scheduler.add(sink, request, time.perf_counter(), number)
+        self._engine.apply_options(self._scheduler, self._options)
+        self._scheduler.prefill_chunk = plan.prefill_chunk
+
+    def _agree(self, digest: int) -> None:
+        self._guard(self._sharing.agree, digest)
+
+    def fail(self, error: Exception) -> None:
+        """A step failed here: the ranks may no longer agree, stop them all."""
+        self._engine.failure = self._sharing.broken(f"a step failed here: {error!r}")
+        raise self._engine.failure from error
+
+    def finish(self) -> None:
+        """Rank 0 closed the model: the other ranks end too (exit 0)."""
+        from langchain_mlx.engine.distributed import StepPlan
+
+        if self._sharing.leader and self._engine.failure is None:
+            self._guard(self._sharing.share, StepPlan(close=True))
+            self._sharing.end()
+
+
+def request_seed(group_seed: int, number: int) -> int:
+    """A request's seed on a sharded model: the same on every rank, its own."""
+    return (group_seed * 1_000_003 + number * 7_919) % (1 << 31)
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """KV-cache bytes per token of the whole model, from its configuration.
+
+    The same on every rank (the configuration is; the weights are split),
+    which makes it a rank-invariant unit for the prefix cache's budget.
+    """
+    args = getattr(model, "args", None)
+    layers = getattr(args, "num_hidden_layers", None) or len(
+        getattr(model, "layers", []) or [1]
+    )
+    heads = getattr(args, "num_attention_heads", None) or 1
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or (
+        (getattr(args, "hidden_size", None) or 64 * heads) // heads
+    )
+    return int(2 * layers * kv_heads * head_dim * 2)  # keys + values, 16-bit
+
+
+def follow(worker: WorkerThread, sharing: StepSharing, engine: Host) -> None:
+    """A rank > 0: serve rank 0's steps, then end the process."""
+    worker.parked.wait()
+    log_memory(sharing, "stops")
+    if not sharing.closed_by_leader:
+        logger.error("%s", engine.failure or "the sharded engine stopped")
+    sharing.exit_follower(0 if sharing.closed_by_leader else 1)
 
 
 def log_memory(sharing: StepSharing, what: str) -> None:

@@ -74,6 +74,9 @@ class PrefixCache:
         from mlx_lm.models.cache import LRUPromptCache
 
         self._lru = LRUPromptCache(max_size=max(entries, 0), max_bytes=max(nbytes, 0))
+        self._budget = max(nbytes, 0)
+        # set: the budget counts tokens held x this many bytes (`count_tokens`)
+        self._token_bytes: int | None = None
         self.hits = 0
         """Lookups that reused at least one token."""
         self.misses = 0
@@ -84,7 +87,7 @@ class PrefixCache:
     @property
     def enabled(self) -> bool:
         """Whether caches are kept at all (both limits above zero)."""
-        return bool(self._lru.max_size > 0 and self._lru.max_bytes > 0)
+        return bool(self._lru.max_size > 0 and self._budget > 0)
 
     @property
     def entries(self) -> int:
@@ -98,9 +101,39 @@ class PrefixCache:
 
     def set_limits(self, entries: int, nbytes: int) -> None:
         """Change the bounds, evicting least recently used caches to meet them."""
+        self._budget = max(nbytes, 0)
         self._lru.max_size = max(entries, 0)
-        self._lru.max_bytes = max(nbytes, 0)
+        self._lru.max_bytes = self._budget if self._token_bytes is None else 1 << 62
         self._lru.trim_to(n_sequences=self._lru.max_size, n_bytes=self._lru.max_bytes)
+        self._evict_to_budget()
+
+    def count_tokens(self, token_bytes: int) -> None:
+        """Bound the cache by tokens held x `token_bytes`, not by measured bytes.
+
+        For a sharded model: each rank holds a different share of the KV
+        bytes, so byte budgets would evict (and then reuse) differently per
+        rank; tokens held are the same on every rank.
+        """
+        self._token_bytes = max(int(token_bytes), 1)
+        self.set_limits(self._lru.max_size, self._budget)
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens held by all entries together."""
+        return sum(
+            len(tokens) for lru in self._lru._lru._lrus.values() for _, tokens in lru
+        )
+
+    def _evict_to_budget(self) -> None:
+        """Counting tokens: drop least recently used entries until within budget."""
+        if self._token_bytes is None:
+            return
+        lru = self._lru
+        while len(lru) and self.held_tokens * self._token_bytes > self._budget:
+            model, tokens = lru._lru.pop()  # mlx-lm 0.32's own eviction order
+            entry = lru._trie.pop(model, tokens)
+            lru._n_bytes -= entry.nbytes
+            lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
 
     def clear(self) -> None:
         """Drop every cached prefix."""
@@ -198,12 +231,14 @@ class PrefixCache:
         `LRUPromptCache` would first evict every other entry to make room, then
         the new one too. Checked before copying: a copy is as large as it.
         """
-        if size > self._lru.max_bytes:
+        if self._token_bytes is not None:
+            size = len(tokens) * self._token_bytes
+        if size > self._budget:
             logger.debug(
                 "not caching %d tokens: %d bytes exceed the budget of %d",
                 len(tokens),
                 size,
-                self._lru.max_bytes,
+                self._budget,
             )
             return False
         return True
@@ -226,6 +261,7 @@ class PrefixCache:
                 self._lru.insert_cache(
                     _KEY, prefix, entry.prompt_cache, cache_type="system"
                 )
+        self._evict_to_budget()
 
     def _system_prefixes(self, tokens: list[int]) -> list[tuple[list[int], Any]]:
         """The saved ("system") entries that are proper prefixes of `tokens`."""
@@ -329,6 +365,10 @@ class PrefixCache:
         if self.enabled:
             self._insert(tokens, cache, "system")
         return tokens
+
+    def digest(self) -> tuple[int, int]:
+        """What it holds, as every rank of a sharded model must agree on it."""
+        return len(self._lru), self.held_tokens
 
 
 def shared_prefixes(

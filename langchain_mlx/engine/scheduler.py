@@ -55,7 +55,7 @@ from langchain_mlx.engine.guards import (
 )
 from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.live import Live, final_event, finish_reason
-from langchain_mlx.engine.model_facts import undo_room
+from langchain_mlx.engine.model_facts import output_head, undo_room
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
     common_length,
@@ -66,7 +66,6 @@ from langchain_mlx.engine.sampling import (
     make_request_sampler,
     request_processors,
 )
-from langchain_mlx.engine.solo_lane import SoloLane
 from langchain_mlx.engine.speculative import Solo
 from langchain_mlx.engine.text import RequestText, token_logprob
 from langchain_mlx.engine.types import (
@@ -86,7 +85,7 @@ SOLO_PREFILL_STEPS = 4  # a lone request's prefill step: as long as 4 batch step
 SHARED_PREFIX_MIN = 16  # tokens worth prefilling once for several requests
 
 
-class Scheduler(SoloLane):
+class Scheduler:
     """Admission, the decode loop and delivery of events for one model."""
 
     def __init__(
@@ -191,15 +190,22 @@ class Scheduler(SoloLane):
             mx.reset_peak_memory()  # peak memory is reported per busy period
         self._waiting.append(Live(handle, request, submitted, number))
 
-    def step(self, gone: dict[int, str] | None = None) -> None:
+    def step(
+        self,
+        gone: dict[int, str] | None = None,
+        agree: Callable[[int], None] | None = None,
+    ) -> None:
         """Admit, sweep, advance the batch by one step, deliver events.
 
         `gone` (submission number -> "cancelled" or "timeout") decides which
         requests to drop instead of this process's handles and clock: the
-        ranks of a sharded model drop what rank 0 decided.
+        ranks of a sharded model drop what rank 0 decided. `agree(digest)`
+        runs before the forward pass (the ranks check they decided alike).
         """
         self._admit()
         self._sweep(self.gone() if gone is None else gone)
+        if agree is not None:
+            agree(self.digest())
         if self._solo is not None:
             self._step_solo(self._solo)
             return
@@ -247,6 +253,29 @@ class Scheduler(SoloLane):
             self._rate = rate if self._rate is None else 0.5 * (self._rate + rate)
             chunk = int(self._rate * STEP_SECONDS)
             self._prefill_chunk = max(PREFILL_MIN, min(PREFILL_MAX, chunk))
+
+    def digest(self) -> int:
+        """The step's decisions, which every rank of a sharded model must share.
+
+        Which requests wait and run, from how many cached prompt tokens, how
+        many tokens each has decided, and what the prefix cache holds.
+        """
+        import hashlib
+
+        running = sorted(
+            (live.number, live.cached, live.generated, live.decoding)
+            for live in self._live.values()
+        )
+        state = (
+            running,
+            sorted(w.number for w in self._waiting),
+            self._prefix.digest(),
+        )
+        return int.from_bytes(hashlib.sha256(repr(state).encode()).digest()[:8], "big")
+
+    def prefix_count_tokens(self, token_bytes: int) -> None:
+        """Bound the prefix cache in tokens (a sharded model: see `PrefixCache`)."""
+        self._prefix.count_tokens(token_bytes)
 
     def fail_all(self, error: BaseException) -> None:
         """Deliver `error` to every request and start from an empty batch."""
@@ -460,6 +489,115 @@ class Scheduler(SoloLane):
             else:
                 self._end(live, "error", error=timeout_error(live, now))
         self._remove([live for live in self._live.values() if live.number in gone])
+
+    # -- a lone request: speculative.Solo, until company arrives ---------------
+
+    def _solo_pays(self, request: Request) -> bool:
+        """Whether decoding `request` alone can skip work (forced or drafted tokens)."""
+        s = request.settings
+        drafts = (
+            s.num_draft_tokens > 0
+            and (s.prompt_lookup or self.draft_model is not None)
+            # a rejected draft must be taken back off the cache: not past a
+            # sliding window, not at all from caches that cannot be cut
+            and (self._undo_limit is None
+                 or self._undo_limit - len(request.prompt_ids) > 1)
+        )  # fmt: skip
+        forced = s.fast_forward and request.constraint is not None
+        return drafts or forced
+
+    def _start_solo(self, live: Live) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        request = live.request
+        settings = request.settings
+        prompt = list(request.prompt_ids)
+        cache, cached = self._prefix.fetch(prompt)
+        uid = self._solo_uids
+        self._solo_uids -= 1
+        solo = Solo(
+            self._model,
+            uid=uid,
+            prompt=prompt,
+            cache=cache if cache is not None else make_prompt_cache(self._model),
+            cached=cached,
+            max_tokens=settings.max_tokens,
+            sampler=guarded_sampler(make_request_sampler(settings), live),
+            processors=[
+                guarded(p, live) for p in request_processors(settings, request)
+            ],
+            stop_sequences=self._eos_stops,
+            constraint=request.constraint,
+            checkpoints=request.checkpoints,
+            fast_forward=settings.fast_forward,
+            lookup=settings.prompt_lookup,
+            num_draft_tokens=settings.num_draft_tokens,
+            draft_model=self._drafter(),
+            costs=self._costs,
+            logprobs=settings.logprobs,
+            pipelined=settings.temperature == 0 or settings.seed is None,
+            head=self._output_head,
+        )
+        live.stats = solo.stats
+        self._track(live, uid, cached)
+        self._solo = solo
+
+    def _drafter(self) -> DraftModel | None:
+        """The engine's draft model with its KV cache (kept between requests)."""
+        if self.draft_model is None:
+            return None
+        if self._draft is None or self._draft.model is not self.draft_model:
+            self._draft = DraftModel(self.draft_model)
+        return self._draft
+
+    def _output_head(self) -> Any:
+        """The model's output layer when passes can skip it (probed at first use)."""
+        if not self._head_probed:
+            self._head_probed = True
+            self._head = output_head(self._model)
+        return self._head
+
+    def _step_solo(self, solo: Solo) -> None:
+        live = self._live[solo.uid]
+        tic = time.perf_counter()
+        try:
+            prompt_responses, responses = solo.next(self.solo_prefill_chunk)
+        except Exception as e:  # e.g. a model failure: this request only
+            logger.debug("a solo step failed", exc_info=True)
+            self._solo = None
+            del self._live[solo.uid]
+            self._end(live, "error", error=request_error("decoding", e))
+            return
+        self._measure_prefill(prompt_responses, time.perf_counter() - tic)
+        if any(p.end_of_prompt for p in prompt_responses):
+            live.decoding = True
+        if any(p.end_of_segment and not p.end_of_prompt for p in prompt_responses):
+            self._store(list(solo.tokens), solo.cache, kind="user")  # a checkpoint
+        to_remove: list[Live] = []
+        for r in responses:
+            if solo.uid not in self._live or to_remove:
+                break  # finished (e.g. a stop string) within this step
+            self._on_token(live, r, to_remove)
+        if solo.uid not in self._live:
+            self._solo = None
+        self._remove(to_remove)
+
+    def _solo_to_batch(self, solo: Solo) -> None:
+        """Move the lone request into the batch: its cache and what is not in it."""
+        self._solo = None
+        solo.hand_off()
+        live = self._live.pop(solo.uid)
+        (uid,) = self._ensure_generator().insert(
+            [solo.rest],
+            max_tokens=[solo.remaining],
+            caches=[solo.cache],
+            all_tokens=[solo.tokens],
+            samplers=[solo.sampler],
+            logits_processors=[solo.processors],
+            stop_sequences=[self._eos_stops],
+        )
+        live.uid = uid
+        self._live[uid] = live
 
     # -- delivery -------------------------------------------------------------
 

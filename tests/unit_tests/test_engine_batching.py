@@ -18,6 +18,7 @@ import pytest
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.types import (
     EngineOptions,
     EngineOverloadedError,
@@ -26,7 +27,6 @@ from langchain_mlx.engine.types import (
     Request,
     Segment,
 )
-from langchain_mlx.engine.worker import Engine
 
 
 def settings(i: int, **overrides: Any) -> GenerationSettings:

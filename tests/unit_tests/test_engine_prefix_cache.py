@@ -17,9 +17,9 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.prefix_cache import PrefixCacheFileError
 from langchain_mlx.engine.types import Final, Request, Segment
-from langchain_mlx.engine.worker import Engine
 
 SAMPLED = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.types import Request, Segment
-from langchain_mlx.engine.worker import Engine
 
 N = 64
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 from langchain_mlx import ChatMLX
 from langchain_mlx._settings import GenerationSettings
+from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.types import EngineOptions, Final, Request, Segment
-from langchain_mlx.engine.worker import Engine
 
 OFF: dict[str, Any] = {
     "fast_forward": False,
