@@ -42,6 +42,7 @@ from langchain_mlx.engine.model_facts import (
     caches_can_be_cut,
     canonical_path,
     check_context,
+    context_length_in_folder,
     context_length_of,
 )
 from langchain_mlx.engine.thread import Job, WorkerThread
@@ -201,8 +202,8 @@ class Engine:
         (`lockstep.py`): on rank 0 this returns the engine; on the others it
         serves rank 0's steps and ends the process when rank 0 is done.
         `constraint_factory(tokenizer, spec)` rebuilds constraints there.
-        `context_length` (from the model's config.json) overrides what the
-        loaded model's arguments say.
+        `context_length` overrides the context window that a local folder's
+        config.json states (then the loaded model's arguments).
         """
         sharded = group is not None and group.size() > 1
         key = (
@@ -242,7 +243,7 @@ class Engine:
                 name=name or path,
                 options=EngineOptions.chosen(options),
                 sharing=sharing,
-                context_length=context_length,
+                context_length=context_length or context_length_in_folder(path),
             )
             engine._key = key
             if sharing is not None and not sharing.leader:

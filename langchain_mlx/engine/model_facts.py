@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from langchain_mlx.engine.types import ContextWindowExceededError
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_ctx",
-                 "seq_length", "context_length", "max_seq_len")  # fmt: skip
+                 "n_positions", "seq_length", "context_length",
+                 "max_seq_len")  # fmt: skip
+# Multimodal configs keep the language model's settings in a sub-config
+# (Gemma 3: text_config).
+_SUB_CONFIGS = ("text_config", "llm_config", "language_config")
 
 
 def canonical_path(path: str) -> str:
@@ -18,13 +24,49 @@ def canonical_path(path: str) -> str:
 
 
 def context_length_of(model: Any) -> int | None:
-    """The context window a model was trained for, from its config (if stated)."""
-    args = getattr(model, "args", None)
+    """The context window a model was trained for, from its arguments (if stated).
+
+    mlx-lm keeps only the fields of the family's `ModelArgs`: many families
+    have no context field there (prefer `context_length_in_folder`).
+    """
+    fields = _fields(getattr(model, "args", None))
+    return None if fields is None else context_length_in_config(fields)
+
+
+def context_length_in_config(config: Mapping[str, Any]) -> int | None:
+    """The context window a `config.json` states, at its top or in a sub-config."""
     for key in _CONTEXT_KEYS:
-        value = getattr(args, key, None)
+        value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+    for key in _SUB_CONFIGS:
+        sub = _fields(config.get(key))
+        if sub is not None and (found := context_length_in_config(sub)) is not None:
+            return found
     return None
+
+
+def _fields(args: Any) -> Mapping[str, Any] | None:
+    """A config as a mapping: a dict, or a `ModelArgs` dataclass's fields."""
+    if isinstance(args, Mapping):
+        return args
+    try:
+        return dict(vars(args))
+    except TypeError:  # None, a number, an object without __dict__
+        return None
+
+
+def context_length_in_folder(path: str) -> int | None:
+    """The context window in a local model folder's config.json (None: not stated).
+
+    Hub ids and folders without a readable config.json give None.
+    """
+    try:
+        text = (Path(path).expanduser() / "config.json").read_text(encoding="utf-8")
+        config = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return context_length_in_config(config) if isinstance(config, Mapping) else None
 
 
 def caches_can_be_cut(model: Any) -> bool:
