@@ -185,9 +185,13 @@ def request_seed(group_seed: int, number: int) -> int:
 def kv_bytes_per_token(model: Any) -> int:
     """KV-cache bytes per token of the whole model, from its configuration.
 
-    The same on every rank (the configuration is; the weights are split),
-    which makes it a rank-invariant unit for the prefix cache's budget.
+    The same on every rank (the configuration and the norms' dtype are; the
+    weights are split), which makes it a rank-invariant unit for the prefix
+    cache's budget; in one process it is what a cached token's KV state takes.
     """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     args = getattr(model, "args", None)
     layers = getattr(args, "num_hidden_layers", None) or len(
         getattr(model, "layers", []) or [1]
@@ -197,7 +201,15 @@ def kv_bytes_per_token(model: Any) -> int:
     head_dim = getattr(args, "head_dim", None) or (
         (getattr(args, "hidden_size", None) or 64 * heads) // heads
     )
-    return int(2 * layers * kv_heads * head_dim * 2)  # keys + values, 16-bit
+    itemsize = next(  # the activations' dtype: the first floating parameter's
+        (
+            a.dtype.size
+            for _, a in tree_flatten(model.parameters())
+            if mx.issubdtype(a.dtype, mx.floating)
+        ),
+        2,
+    )
+    return int(2 * layers * kv_heads * head_dim * itemsize)  # keys + values
 
 
 def follow(worker: WorkerThread, sharing: StepSharing, engine: Host) -> None:

@@ -58,7 +58,7 @@ def run_plain(model: str, out: Path, *flags: str) -> dict[str, Any]:
 
 
 def launch(
-    model: str, mode: str, out: Path, *flags: str, n: int = 2
+    model: str, mode: str, out: Path, *flags: str, n: int = 2, app: Path = APP
 ) -> tuple[dict[str, Any] | None, str]:
     """Run the app under mlx.launch; (rank 0's results or None, launcher output)."""
     proc = subprocess.run(
@@ -73,7 +73,7 @@ def launch(
             str(_free_ports(n)),
             "--python",
             sys.executable,
-            str(APP),
+            str(app),
             model,
             mode,
             str(out),
@@ -120,39 +120,20 @@ def test_tiny_tensor_matches_one_process(tiny32: str, tmp_path: Path) -> None:
     assert sharded["cancelled"] == 1  # and the engine went on after it
 
 
-@pytest.fixture(scope="module")
-def qwen() -> str:
-    return str(prepare_model("qwen2.5-coder-0.5b-instruct"))
-
-
-@pytest.fixture(scope="module")
-def qwen_single(qwen: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run_plain(qwen, tmp_path_factory.mktemp("q") / "single.json", "--quick")
-
-
-def test_qwen_pipeline_matches_one_process(
-    qwen: str, qwen_single: dict[str, Any], tmp_path: Path
-) -> None:
+def test_qwen_pipeline_matches_one_process(tmp_path: Path) -> None:
+    # The one sharded Qwen run (a launch costs minutes here). Pipeline stages
+    # hold whole layers, so every answer must equal one process's: a superset of
+    # what a tensor run could check (there bf16 near-ties may flip; tensor
+    # sharding is covered by the tiny model exactly and by SmolLM2).
+    qwen = str(prepare_model("qwen2.5-coder-0.5b-instruct"))
+    single = run_plain(qwen, tmp_path / "single.json", "--quick")
     sharded = launch_ok(qwen, "pipeline", tmp_path / "pipe.json", "--quick")
+    assert single.pop("sharded") is None
     assert sharded.pop("sharded") == [0, 2]
-    single = {k: v for k, v in qwen_single.items() if k != "sharded"}
-    assert sharded == single
+    assert sharded == single  # invoke, usage, stream, batch, tool call, seeded
     assert "Paris" in str(sharded["invoke"])
     assert sharded["tool_calls"] == [{"name": "get_weather", "args": {"city": "Paris"}}]
-
-
-def test_qwen_tensor_agrees_with_one_process(
-    qwen: str, qwen_single: dict[str, Any], tmp_path: Path
-) -> None:
-    sharded = launch_ok(qwen, "tensor", tmp_path / "tensor.json", "--quick")
-    assert sharded["tool_calls"] == qwen_single["tool_calls"]
-    assert "Paris" in str(sharded["invoke"])
-    assert sharded["largest_batch"] == 4
-    # bf16 partial sums in another order: near-identical, not always identical
-    same = sum(
-        a == b for a, b in zip(sharded["batch"], qwen_single["batch"], strict=True)
-    )
-    assert same >= 2, (sharded["batch"], qwen_single["batch"])
+    assert sharded["largest_batch"] == 4  # four concurrent requests, one batch
 
 
 def test_smollm2_tensor_over_two_ranks_by_head_groups(tmp_path: Path) -> None:
