@@ -338,3 +338,63 @@ def test_the_draft_model_keeps_its_cache_between_requests(
         if step == 1:  # the earlier conversation was not read again
             assert sum(read) < len(history) // 2, read
         history = [*history, *tokenizer.encode(" And then more happened.")]
+
+
+# -- the engine's lifetime: what arrives after it stopped; close in async code ----
+
+
+def test_a_request_queued_as_the_worker_stops_ends_once_and_is_counted(
+    tiny_model_path: str,
+) -> None:
+    from langchain_mlx.engine.engine import Engine
+    from langchain_mlx.engine.intake import Submission
+    from langchain_mlx.engine.types import EngineStoppedError
+
+    model, tokenizer = load_tiny(tiny_model_path)
+    engine = Engine.for_objects(model, tokenizer, name="tiny-stops")
+    engine.close()
+    assert engine._worker.parked.is_set()
+    handle = RequestHandle(lambda: None)
+    late = Submission(handle, plain((model, tokenizer)), 0.0, number=10_000)
+    engine.intake._in_flight += 1  # as `admit` counted it, just before the stop
+    engine.intake.enqueue([late], engine.stopped_error)  # sees the worker parked
+    engine._end_queued()  # and the worker's own drain finds it queued too
+    events_seen = list(events(handle))
+    assert len(events_seen) == 1 and isinstance(events_seen[0], EngineStoppedError)
+    assert engine.finished["error"] == 1
+    assert engine.intake._in_flight == 0
+
+
+def test_close_in_async_code_does_not_block_the_event_loop(
+    tiny_model_path: str,
+) -> None:
+    import asyncio
+    import threading
+
+    from langchain_mlx.engine.engine import Engine
+
+    model, tokenizer = load_tiny(tiny_model_path)
+    engine = Engine.for_objects(model, tokenizer, name="tiny-async-close")
+    release = threading.Event()
+    engine._worker.submit(lambda: release.wait(60))  # the worker is busy...
+
+    async def main() -> None:
+        # ...until the event loop gets to run this: a close() that waited for
+        # the worker on the loop's thread would wait for itself
+        asyncio.get_running_loop().call_soon(release.set)
+        engine.close()
+        await engine.aclose()  # waits for the worker without blocking the loop
+        assert engine._worker.parked.is_set()
+
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (asyncio.run(main()), done.set()))
+    runner.start()
+    runner.join(timeout=30)  # a guard against a hang, not a measurement
+    release.set()
+    assert done.is_set()
+
+
+def load_tiny(path: str) -> tuple[Any, Any]:
+    from mlx_lm import load
+
+    return load(path)  # type: ignore[return-value]
