@@ -121,7 +121,7 @@ class Scheduler:
         )
         # tokens a fresh cache can take and still cut back (sliding windows)
         self._undo_limit = undo_room(make_prompt_cache(model))
-        self._generator: Any = None
+        self._generator: Any = None  # a SequenceGenerator (types.py)
         self._waiting: collections.deque[Live] = collections.deque()
         self._live: dict[int, Live] = {}
         self._jobs: set[int] = set()  # one-token sequences filling a shared prefix

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 LogitsProcessor = Callable[[Any, Any], Any]
 
@@ -293,6 +293,41 @@ class Constraint(Protocol):
         The other ranks of a sharded model rebuild the request's constraint
         from it (their engine's `constraint_factory`).
         """
+
+
+@runtime_checkable
+class SequenceGenerator(Protocol):
+    """What the scheduler decodes with: mlx-lm's `BatchGenerator`'s interface.
+
+    Implemented by `BatchGenerator` itself (continuous batching), by
+    `serial.SerialGenerator` (one sequence at a time, for caches that cannot
+    be merged) and, for one sequence, by `speculative.Solo` (`next` returns the
+    same records with several tokens per step; `hand_off` leaves it at exactly
+    its decided tokens so that `insert` into a batch generator continues it).
+    """
+
+    def insert(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int] | None = None,
+        caches: list[Any] | None = None,
+        all_tokens: list[list[int]] | None = None,
+        samplers: list[Any] | None = None,
+        logits_processors: list[Any] | None = None,
+        stop_sequences: list[Any] | None = None,
+    ) -> list[int]:
+        """Add sequences (their prompts, starting from `caches`); their uids."""
+
+    def next(self) -> tuple[list[Any], list[Any]]:
+        """One step: prompt-processing records and one token per live sequence."""
+
+    def remove(
+        self, uids: list[int], return_prompt_caches: bool = False
+    ) -> dict[int, Any]:
+        """Take sequences out; with `return_prompt_caches`, their (cache, tokens)."""
+
+    def close(self) -> None:
+        """Drop everything held."""
 
 
 @dataclass(frozen=True)

@@ -398,3 +398,17 @@ def load_tiny(path: str) -> tuple[Any, Any]:
     from mlx_lm import load
 
     return load(path)  # type: ignore[return-value]
+
+
+def test_the_batch_and_the_serial_generator_speak_one_protocol(
+    loaded: tuple[Any, Any],
+) -> None:
+    from mlx_lm.generate import BatchGenerator
+
+    from langchain_mlx.engine.serial import SerialGenerator
+    from langchain_mlx.engine.types import SequenceGenerator
+
+    model, _ = loaded
+    for generator in (BatchGenerator(model), SerialGenerator(model)):
+        assert isinstance(generator, SequenceGenerator)
+        generator.close()
