@@ -254,8 +254,10 @@ class ChatMLX(BaseChatModel, SamplingFields, EngineFields):
         """The loaded model's capabilities, worked out from its own files."""
         if self.llm is None:
             return None
+        # core's validator may run this before `_load` has set `model`
+        name = str(self.model or self.llm.model_id)
         profile = model_profile(
-            str(self.model), self._pipeline.engine.context_length, self.tokenizer
+            name, self._pipeline.engine.context_length, self.tokenizer
         )
         return cast("ModelProfile", profile)
 

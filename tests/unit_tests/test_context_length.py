@@ -68,8 +68,10 @@ def test_context_window_from_the_folder_config(
     with MLXPipeline(model_id=str(folder), pipeline_kwargs={"max_tokens": 4}) as llm:
         assert context_length_of(llm.model) is None
         assert llm.engine.context_length == 64
-        assert ChatMLX(llm=llm).profile is not None
-        assert ChatMLX(llm=llm).profile["max_input_tokens"] == 64
+        profile = ChatMLX(llm=llm).profile
+        assert profile is not None
+        assert profile["max_input_tokens"] == 64
+        assert profile["name"] == str(folder)  # not "None" (llm= given, model= not)
         with pytest.raises(ContextWindowExceededError, match="64 tokens"):
             llm.invoke("word " * 80)
         assert llm.engine.finished.total() == 0  # rejected before any work
