@@ -68,6 +68,8 @@ def response_metadata(final: Final, model_name: str) -> dict[str, Any]:
         "forced_tokens": final.forced_tokens,
         "drafted_tokens": final.drafted_tokens,
         "accepted_tokens": final.accepted_tokens,
+        # where the prompt's cached tokens (usage cache_read) came from
+        "cache_read_from": final.cache_source,
     }
 
 

@@ -86,10 +86,24 @@ def _open_chat(args: argparse.Namespace) -> ChatMLX:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        prefix_cache_dir=_prefix_cache_dir(args),
     )
     if args.system is not None:
         chat.system_message = SystemMessage(args.system)
     return chat
+
+
+def _prefix_cache_dir(args: argparse.Namespace) -> str | None:
+    """The disk tier of the prefix cache: the environment's, else the cache home's.
+
+    So a restarted conversation, or the same `--system` prompt, starts at once.
+    """
+    if args.no_disk_cache:
+        return None
+    from langchain_mlx.engine.types import PREFIX_CACHE_DIR_ENV
+    from langchain_mlx.models.store import cache_dir
+
+    return os.environ.get(PREFIX_CACHE_DIR_ENV) or str(cache_dir() / "prefix-cache")
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -99,15 +113,20 @@ def _chat(args: argparse.Namespace) -> int:
     if Path(path).is_dir():  # fail fast, before MLX is imported and loads it
         _models.check_model_folder(path)
     chat = _open_chat(args)
-    if args.question is None:
-        return _conversation(args, chat)
-    answer = _stream_answer(chat, [HumanMessage(args.question)])
-    sys.stdout.write("\n")
-    if answer is None:
-        return EXIT_INTERRUPTED
-    if args.verbose:
-        _print_summary(answer)
-    return 0
+    try:
+        if args.question is None:
+            return _conversation(args, chat)
+        answer = _stream_answer(chat, [HumanMessage(args.question)])
+        sys.stdout.write("\n")
+        if answer is None:
+            return EXIT_INTERRUPTED
+        if args.verbose:
+            _print_summary(answer)
+        return 0
+    finally:
+        close = getattr(chat, "close", None)
+        if close is not None:  # frees the model; the prefix cache's disk writes land
+            close()
 
 
 def _stream_answer(chat: ChatMLX, messages: list[BaseMessage]) -> AIMessageChunk | None:
@@ -332,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--seed", type=_seed, default=None, help="for sampling")
     chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument(
+        "--no-disk-cache",
+        action="store_true",
+        help="do not keep prompt KV states on disk (default: kept under the cache "
+        "home, so a restart reuses them; LANGCHAIN_MLX_PREFIX_CACHE_DIR moves them)",
+    )
     chat.add_argument(
         "-v",
         "--verbose",

@@ -60,6 +60,15 @@ class EngineFields(BaseModel):
     (default 10; 0: off). Reused tokens show as `cache_read` in token usage."""
     prefix_cache_bytes: int | None = Field(default=None, ge=0)
     """Byte budget of those caches (default 2 GiB); least recently used go first."""
+    prefix_cache_dir: str | None = None
+    """A folder where those KV caches are also written (in the background), so
+    a restarted script starts its system prompt, tools and conversation from
+    disk instead of prefilling them again. Safe to share between processes
+    and models (entries are keyed by the model's identity); damaged entries
+    are skipped. Default: the environment variable
+    `LANGCHAIN_MLX_PREFIX_CACHE_DIR`, else no disk tier."""
+    prefix_cache_disk_bytes: int | None = Field(default=None, ge=0)
+    """Byte budget of that folder (default 4 GiB); least recently used go first."""
     draft_model: str | None = None
     """A small model with the same tokenizer (prepared name, folder or hub id)
     that drafts tokens for speculative decoding, as `mlx_lm.server

@@ -160,6 +160,7 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._users: dict[int, weakref.ref[Any]] = {}  # pydantic objects: unhashable
         self._draft_key: str | None = None
+        self._identity: str | None = None  # of the model, for the disk tier
         self._draft: Any = None
         self._key: tuple[Any, ...] | None = None
         self._worker = WorkerThread(
@@ -184,7 +185,7 @@ class Engine:
         adapter_path: str | None = None,
         lazy: bool = False,
         tokenizer_config: dict[str, Any] | None = None,
-        options: dict[str, int | None] | None = None,
+        options: dict[str, Any] | None = None,
         group: Any = None,
         distributed: str | None = None,
         constraint_factory: Callable[[Any, Any], Any] | None = None,
@@ -261,7 +262,7 @@ class Engine:
         tokenizer: Any,
         *,
         name: str,
-        options: dict[str, int | None] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> Engine:
         """The engine for a model and tokenizer the user loaded themselves."""
         key = ("objects", id(model), id(tokenizer))
@@ -377,7 +378,7 @@ class Engine:
             )
             raise ValueError(msg)
 
-    def configure(self, **options: int | None) -> None:
+    def configure(self, **options: Any) -> None:
         """Change some `EngineOptions` for every user of this model (None: keep).
 
         Takes effect before the worker's next step (on a sharded model, in the
@@ -407,11 +408,35 @@ class Engine:
         """
         scheduler.draft_model = self._draft
         if options is not self._applied:
+            before = self._applied
             self._applied = options
             scheduler.max_batch_size = options.max_batch_size
             self.prefix_cache.set_limits(
                 options.prefix_cache_entries, options.prefix_cache_bytes
             )
+            disk = (options.prefix_cache_dir, options.prefix_cache_disk_bytes)
+            if before is None or disk != (
+                before.prefix_cache_dir,
+                before.prefix_cache_disk_bytes,
+            ):
+                self._attach_disk(*disk)
+
+    def _attach_disk(self, folder: str | None, nbytes: int) -> None:
+        """The worker: give the prefix cache its disk tier (or none)."""
+        from langchain_mlx.engine.disk_cache import DiskPrefixCache, model_identity
+
+        if folder is not None and self._sharing is not None:
+            logger.warning(
+                "prefix_cache_dir is ignored on a sharded model: each rank holds "
+                "only its part of the KV state, and every rank must reuse alike"
+            )
+            folder = None
+        tier = None
+        if folder is not None:
+            if self._identity is None:
+                self._identity = model_identity(self.model, self.tokenizer)
+            tier = DiskPrefixCache(folder, nbytes, self._identity)
+        self.prefix_cache.attach_disk(tier, self.model)
 
     @property
     def applied_options(self) -> EngineOptions | None:
@@ -541,16 +566,25 @@ class Engine:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the worker thread between steps and return its result."""
+        self._check_local_work()
+        return self._worker.call(fn, self.check_alive)
+
+    async def acall(self, fn: Callable[[], Any]) -> Any:
+        """`call` for async code: awaits the result without blocking the loop."""
+        self._check_local_work()
+        return await self._worker.acall(fn)
+
+    def _check_local_work(self) -> None:
+        """Raise unless work outside the steps can run (alive, not sharded)."""
         self.check_alive()
         if self._sharing is not None:
             msg = (
                 f"{self.name!r} is sharded across {self._sharing.size} ranks: work "
-                "outside the shared steps (saving, loading or clearing prefixes) "
-                "is not supported there (each rank holds only its part of the "
-                "KV state)"
+                "outside the shared steps (saving, loading or clearing prefixes, "
+                "decisions) is not supported there (each rank holds only its "
+                "part of the KV state)"
             )
             raise NotImplementedError(msg)
-        return self._worker.call(fn, self.check_alive)
 
     def save_prefix(self, path: str | Path, prompt_ids: Sequence[int]) -> int:
         """Write the KV state of `prompt_ids` to `path` (`.safetensors`).
@@ -654,6 +688,7 @@ class Engine:
 
             if scheduler is not None:
                 scheduler.release()
+            self.prefix_cache.attach_disk(None, self.model)  # pending writes land
             self.prefix_cache.clear()
             self.model = self.tokenizer = None
             self._scheduler = scheduler = None

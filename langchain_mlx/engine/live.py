@@ -26,6 +26,7 @@ class Live:
     admitted: float = 0.0
     first: float | None = None
     cached: int = 0
+    cache_source: str | None = None  # where `cached` came from: "memory" | "disk"
     generated: int = 0
     decoding: bool = False
     waits_for: int | None = None  # uid of the sequence prefilling its start
@@ -60,6 +61,7 @@ def final_event(live: Live, reason: str) -> Final:
         time_to_first_token=first - live.submitted,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         cached_tokens=live.cached,
+        cache_source=live.cache_source if live.cached else None,
         constrained=live.request.constraint is not None,
         forced_tokens=live.stats.forced if live.stats else 0,
         drafted_tokens=live.stats.drafted if live.stats else 0,

@@ -44,7 +44,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from langchain_mlx.engine.types import PromptCacheError
 
@@ -65,6 +65,22 @@ class PromptCacheNotFoundError(PromptCacheError, FileNotFoundError):
     """No saved prompt cache at the given path (also a `FileNotFoundError`)."""
 
 
+class DiskTier(Protocol):
+    """KV states kept on disk (disk_cache.py's `DiskPrefixCache`)."""
+
+    def put(self, tokens: Sequence[int], held: list[Any]) -> None:
+        """Write an evaluated state (in the background)."""
+
+    def nearest(self, prompt: Sequence[int], trimmable: bool) -> tuple[str | None, int]:
+        """The entry to start `prompt` from and how many of its tokens."""
+
+    def load(self, key: str, model: Any) -> tuple[list[Any], list[int]] | None:
+        """An entry's checked state and tokens (None: unusable, removed)."""
+
+    def close(self) -> None:
+        """Finish pending writes."""
+
+
 class PrefixCache:
     """Recent KV caches keyed by token sequence; longest-prefix lookup, LRU out."""
 
@@ -83,6 +99,11 @@ class PrefixCache:
         """Lookups that found nothing to reuse."""
         self.reused_tokens = 0
         """Prompt tokens not prefilled thanks to the cache, in total."""
+        self.last_source: str | None = None
+        """Where the last `fetch` found its tokens: "memory", "disk" or None."""
+        self.disk: DiskTier | None = None
+        self._model: Any = None  # to check states read from disk
+        self._trimmable = True
 
     @property
     def enabled(self) -> bool:
@@ -148,9 +169,17 @@ class PrefixCache:
         from mlx_lm.models.cache import trim_prompt_cache
 
         stored, cached = self._nearest(prompt)
+        source = "memory"
+        if self.disk is not None and self.enabled:
+            key, on_disk = self.disk.nearest(prompt, self._trimmable)
+            if key is not None and on_disk > cached and self._from_disk(key):
+                stored, cached = self._nearest(prompt)
+                source = "disk"
+        self.last_source = None
         if stored is None or cached <= 0:
             self.misses += 1
             return None, 0
+        self.last_source = source
         cache = copy.deepcopy(self._lru._trie.get(_KEY, stored).prompt_cache)
         self._touch(stored)
         if len(stored) > cached:
@@ -161,6 +190,29 @@ class PrefixCache:
         self.hits += 1
         self.reused_tokens += cached
         return cache, cached
+
+    def attach_disk(self, disk: DiskTier | None, model: Any) -> None:
+        """Use `disk` as the tier below this one (None: none); closes the old one."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        if self.disk is not None and self.disk is not disk:
+            self.disk.close()
+        self.disk = disk
+        self._model = model
+        self._trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
+
+    def _from_disk(self, key: str) -> bool:
+        """Read a disk entry into memory; False when it could not be used."""
+        assert self.disk is not None
+        loaded = self.disk.load(key, self._model)
+        if loaded is None:
+            return False
+        cache, tokens = loaded
+        if not self._fits(tokens, sum(int(c.nbytes) for c in cache)):
+            return False
+        self._lru.insert_cache(_KEY, tokens, cache, cache_type="user")
+        self._evict_to_budget()
+        return self._lru._trie.search(_KEY, tokens).exact is not None
 
     def _touch(self, tokens: list[int]) -> None:
         """A hit makes an entry the most recently used of its kind.
@@ -256,6 +308,11 @@ class PrefixCache:
         tokens = list(tokens)
         kept = self._system_prefixes(tokens) if kind != "system" else []
         self._lru.insert_cache(_KEY, tokens, held, cache_type=kind)
+        if self.disk is not None:
+            try:
+                self.disk.put(tokens, held)
+            except Exception:  # costs the disk copy only
+                logger.warning("could not queue a KV state for disk", exc_info=True)
         for prefix, entry in kept:
             if self._lru._trie.search(_KEY, prefix).exact is None:
                 self._lru.insert_cache(
@@ -648,6 +705,11 @@ def _check_metadata(file: Path, metadata: dict[str, str], model: Any) -> list[in
         )
         raise PromptCacheError(msg)
     return tokens
+
+
+def read_cache_file(file: Path, model: Any, n_tokens: int) -> list[Any]:
+    """A KV state file's contents, read now and checked (`PromptCacheError`)."""
+    return _read_cache(file, model, n_tokens)
 
 
 def _read_cache(file: Path, model: Any, n_tokens: int) -> list[Any]:

@@ -455,6 +455,7 @@ class Scheduler:
         settings = request.settings
         live.uid = uid
         live.cached = cached
+        live.cache_source = self._prefix.last_source  # of the fetch just made
         live.admitted = time.perf_counter()
         live.text = RequestText(
             request.text,

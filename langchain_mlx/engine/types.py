@@ -12,6 +12,7 @@ Flow of one request::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -233,11 +234,19 @@ class EngineOptions:
     """How many recent KV caches are kept for prefix reuse (0: off)."""
     prefix_cache_bytes: int = 2 << 30
     """Byte budget of those caches; least recently used go first (0: off)."""
+    prefix_cache_dir: str | None = None
+    """A folder where those caches are also written, so a restarted process
+    starts from them (None: no disk tier; default from the environment
+    variable `LANGCHAIN_MLX_PREFIX_CACHE_DIR`)."""
+    prefix_cache_disk_bytes: int = 4 << 30
+    """Byte budget of the folder; least recently used entries go first."""
 
     @classmethod
-    def chosen(cls, options: dict[str, int | None] | None) -> EngineOptions:
+    def chosen(cls, options: dict[str, Any] | None) -> EngineOptions:
         """The defaults with the given options (None: default), validated."""
         picked = {k: v for k, v in (options or {}).items() if v is not None}
+        if "prefix_cache_dir" not in picked:
+            picked["prefix_cache_dir"] = os.environ.get(PREFIX_CACHE_DIR_ENV) or None
         engine_options = replace(cls(), **picked)
         engine_options.validate()
         return engine_options
@@ -246,11 +255,17 @@ class EngineOptions:
         """Raise ValueError for a value the engine cannot work with."""
         for name in ENGINE_OPTION_NAMES:
             value = getattr(self, name)
+            if name == "prefix_cache_dir":
+                if value is not None and not isinstance(value, str):
+                    msg = f"prefix_cache_dir must be a folder path (str), got {value!r}"
+                    raise ValueError(msg)
+                continue
             _require_int(name, value)
         if self.max_batch_size < 1:
             msg = f"max_batch_size must be >= 1, got {self.max_batch_size!r}"
             raise ValueError(msg)
-        for name in ("max_queue", "prefix_cache_entries", "prefix_cache_bytes"):
+        for name in ("max_queue", "prefix_cache_entries", "prefix_cache_bytes",
+                     "prefix_cache_disk_bytes"):  # fmt: skip
             if getattr(self, name) < 0:
                 value = getattr(self, name)
                 msg = f"{name} must be >= 0 (0 turns it off), got {value!r}"
@@ -258,7 +273,9 @@ class EngineOptions:
 
 
 ENGINE_OPTION_NAMES = ("max_batch_size", "max_queue", "prefix_cache_entries",
-                       "prefix_cache_bytes")  # fmt: skip
+                       "prefix_cache_bytes", "prefix_cache_dir",
+                       "prefix_cache_disk_bytes")  # fmt: skip
+PREFIX_CACHE_DIR_ENV = "LANGCHAIN_MLX_PREFIX_CACHE_DIR"
 
 
 # -- requests ------------------------------------------------------------------------
@@ -427,6 +444,8 @@ class Final:
     """Tokens proposed by speculative decoding (prompt lookup or draft model)."""
     accepted_tokens: int = 0
     """Drafted tokens the model confirmed (each saved a decode step)."""
+    cache_source: str | None = None
+    """Where `cached_tokens` came from: "memory", "disk" or None (none)."""
 
 
 Event = Segment | Final
