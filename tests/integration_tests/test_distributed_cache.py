@@ -11,6 +11,7 @@ and cache reuse equal a single process's.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -54,5 +55,5 @@ def test_a_small_prefix_cache_keeps_uneven_ranks_in_step(
     assert sharded["sharded"] == [0, 2]
     cached = [t["cached"] for t in single["turns"]]
     second = cached[1::2]  # a conversation's reuse falls back: its turn was evicted
-    assert any(later < earlier for earlier, later in zip(second, second[1:]))
+    assert any(later < earlier for earlier, later in itertools.pairwise(second))
     assert sharded["turns"] == single["turns"]
