@@ -1,4 +1,4 @@
-"""LangChain chat model and LLM for local models on Apple MLX (through mlx-lm).
+"""LangChain chat model, LLM, embeddings and decision model on Apple MLX (mlx-lm).
 
 `import langchain_mlx` does not import mlx: the backend is loaded when a model is.
 The error types every call may raise are importable from here too.
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from langchain_mlx._control_tokens import UnencodableTextError
     from langchain_mlx._messages import ChatTemplateError, UnsupportedContentError
     from langchain_mlx.chat_models import ChatMLX
+    from langchain_mlx.decisions import MLXDecisionModel
     from langchain_mlx.embeddings import MLXEmbeddings
     from langchain_mlx.engine.types import (
         ContextWindowExceededError,
@@ -43,6 +44,7 @@ _LAZY = {
     "ChatMLX": "langchain_mlx.chat_models",
     "MLXPipeline": "langchain_mlx.llms",
     "MLXEmbeddings": "langchain_mlx.embeddings",
+    "MLXDecisionModel": "langchain_mlx.decisions",
     "ChatTemplateError": "langchain_mlx._messages",
     "ConstraintViolationError": "langchain_mlx._constraints",
     "ContextWindowExceededError": "langchain_mlx.engine.types",
@@ -68,6 +70,7 @@ __all__ = [
     "EngineOverloadedError",
     "EngineStoppedError",
     "GenerationTimeoutError",
+    "MLXDecisionModel",
     "MLXEmbeddings",
     "MLXPipeline",
     "ModelLoadError",
