@@ -251,7 +251,8 @@ def _sentencepiece_bpe(src: GGUFFile, tokens: list[str], types: list[int]) -> An
     if len(scores) != len(tokens):
         msg = f"{src.path.name}: {len(tokens)} tokens but {len(scores)} scores"
         raise _fail(msg)
-    if src.get("tokenizer.ggml.add_space_prefix", False):
+    # llama.cpp adds a space prefix unless the file says not to (Gemma does)
+    if src.get("tokenizer.ggml.add_space_prefix", True):
         msg = f"{src.path.name}: SentencePiece with a space prefix is not supported"
         raise _fail(msg)
     unk_id = int(src.get("tokenizer.ggml.unknown_token_id", 0))
@@ -365,7 +366,8 @@ def _hf_config(src: GGUFFile, tied: bool, has_bias: bool) -> dict[str, Any]:
     if arch == "llama":
         config.update(attention_bias=has_bias, mlp_bias=False, rope_traditional=False)
     if arch == "gemma3":
-        config.update(_gemma3_config(src, config))
+        del config["hidden_act"]  # Gemma names it hidden_activation
+        config.update(_gemma3_config(src, int(config["num_hidden_layers"])))
     scaling = src.arch("rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
@@ -376,14 +378,12 @@ def _hf_config(src: GGUFFile, tied: bool, has_bias: bool) -> dict[str, Any]:
     return config
 
 
-def _gemma3_config(src: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+def _gemma3_config(src: GGUFFile, layers: int) -> dict[str, Any]:
     """What Gemma 3 adds; llama.cpp fixes what the GGUF does not state.
 
     Five sliding-window layers (local rope base 10,000) then one global layer;
     queries scaled by ``head_dim ** -0.5``; gelu (tanh) MLP.
     """
-    del config["hidden_act"]
-    layers = int(config["num_hidden_layers"])
     pattern = 6
     head_dim = int(src.arch("attention.key_length", 256))
     return {
