@@ -52,8 +52,10 @@ def test_prepared_folder_and_tokenizer(llm: MLXPipeline) -> None:
         assert (
             tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
         )
-    # A prompt that starts with "<bos>" gets no second one.
-    assert llm.get_num_tokens("<bos>Hi") == llm.get_num_tokens("Hi") + 1
+    # A prompt gets one BOS: added, or kept when the prompt starts with it.
+    for prompt in ("Hi", "<bos>Hi"):
+        info = llm.generate([prompt], max_tokens=1).generations[0][0].generation_info
+        assert (info or {})["usage"]["input_tokens"] == 2
 
 
 def test_greedy_completion(llm: MLXPipeline) -> None:
