@@ -24,9 +24,10 @@ Nothing here imports mlx at module level.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_mlx.engine.prefix_cache import PrefixCache
 
@@ -79,14 +80,15 @@ def score(
     with mx.stream(generation_stream):
         base, cached = _prefilled(model, prefix_cache, list(prefix))
         batched = all(_plain_kv(layer) for layer in base)
+        model = _Split.of(model)
         candidates: list[list[float]] = []
         continuations: list[list[float]] = []
         for start in range(0, len(questions), _MAX_ROWS):
             group = questions[start : start + _MAX_ROWS]
             rows = [q.suffix for q in group]
-            logits, cache_after = _run(model, base, rows, batched)
+            outputs, cache_after = _run(model, base, rows, batched)
             for i, q in enumerate(group):
-                last = _log_softmax(logits[i][len(q.suffix) - 1])
+                last = model.log_probs(outputs[i][len(q.suffix) - 1])
                 candidates.append(_pick(last, q.candidates))
                 continuations.append(
                     _continuations(
@@ -116,7 +118,7 @@ def _prefilled(
 
 
 def _continuations(
-    model: Any,
+    model: _Split,
     cache: list[Any],
     first: Any,
     sequences: list[list[int]],
@@ -136,19 +138,22 @@ def _continuations(
     for start in range(0, len(longer), _MAX_ROWS):
         chosen = longer[start : start + _MAX_ROWS]
         rows = [sequences[i][:-1] for i in chosen]
-        logits, _ = _run(model, cache, rows, batched)
+        outputs, _ = _run(model, cache, rows, batched)
         for row, i in enumerate(chosen):
             following = sequences[i][1:]
-            steps = _log_softmax(logits[row][: len(following)])
+            steps = model.log_probs(outputs[row][: len(following)])
             picked = steps[mx.arange(len(following)), mx.array(following)]
             totals[i] += float(picked.sum().item())
     return totals
 
 
 def _run(
-    model: Any, base: list[Any], rows: list[list[int]], batched: bool
+    model: _Split, base: list[Any], rows: list[list[int]], batched: bool
 ) -> tuple[list[Any], Callable[[int], list[Any]]]:
-    """Logits of each row after `base`, and the cache after row i (base + row i).
+    """Outputs of each row after `base`, and the cache after row i (base + row i).
+
+    Outputs are hidden states for `_Split.log_probs` (the head runs on the
+    positions read only).
 
     Batched: `base` repeated per row, rows right-padded (with their last
     token; causal attention keeps real positions from seeing it).
@@ -159,19 +164,19 @@ def _run(
         out, caches = [], []
         for row in rows:
             cache = copy.deepcopy(base)
-            out.append(model(mx.array(row)[None], cache=cache)[0])
+            out.append(model.body(mx.array(row)[None], cache)[0])
             caches.append(cache)
         return out, caches.__getitem__
     width = max(len(r) for r in rows)
     tokens = mx.array([r + [r[-1]] * (width - len(r)) for r in rows])
     cache = [_repeated(layer, len(rows)) for layer in base]
-    logits = model(tokens, cache=cache)
+    outputs = model.body(tokens, cache)
     start = base[0].offset if base else 0
 
     def after(i: int) -> list[Any]:
         return [_row(layer, i, start + len(rows[i])) for layer in cache]
 
-    return [logits[i] for i in range(len(rows))], after
+    return [outputs[i] for i in range(len(rows))], after
 
 
 def _plain_kv(layer: Any) -> bool:
@@ -205,11 +210,65 @@ def _row(layer: Any, i: int, length: int) -> Any:
     return out
 
 
-def _log_softmax(logits: Any) -> Any:
-    import mlx.core as mx
+class _Split:
+    """A model as body (tokens -> hidden states) and head (hidden -> logits).
 
-    x = logits.astype(mx.float32)
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+    The head over a whole vocabulary costs as much as several layers; a
+    decision reads the logits of a few positions only. mlx-lm's models end
+    `model.model(...)` and then `lm_head` or the tied embeddings; that split
+    is checked once per model against `model(...)` itself, and a model whose
+    check fails is run whole (the head then runs on every position).
+    """
+
+    _checked: ClassVar[dict[int, tuple[weakref.ref[Any], bool]]] = {}
+
+    def __init__(self, model: Any, split: bool) -> None:
+        self.model = model
+        self.split = split
+
+    @classmethod
+    def of(cls, model: Any) -> _Split:
+        known = cls._checked.get(id(model))
+        if known is None or known[0]() is not model:
+            known = (weakref.ref(model), cls._splits(model))
+            cls._checked[id(model)] = known
+        return cls(model, known[1])
+
+    @staticmethod
+    def _splits(model: Any) -> bool:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        try:
+            probe = mx.array([[1, 2, 3]])
+            whole = model(probe, cache=make_prompt_cache(model))
+            parts = _head(model)(model.model(probe, make_prompt_cache(model)))
+            return bool(mx.allclose(whole, parts, atol=1e-3, rtol=1e-3).item())
+        except Exception:  # any other layout: run the model whole
+            return False
+
+    def body(self, tokens: Any, cache: list[Any]) -> Any:
+        if self.split:
+            return self.model.model(tokens, cache)
+        return self.model(tokens, cache=cache)
+
+    def log_probs(self, outputs: Any) -> Any:
+        """Log-probabilities (float32) from `body` outputs of some positions."""
+        import mlx.core as mx
+
+        logits = _head(self.model)(outputs) if self.split else outputs
+        x = logits.astype(mx.float32)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def _head(model: Any) -> Any:
+    """The output layer of an mlx-lm model: `lm_head`, or the tied embeddings."""
+    tied = getattr(model, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", True)
+    if not tied and "lm_head" in model:
+        return model.lm_head
+    return model.model.embed_tokens.as_linear
 
 
 def _pick(distribution: Any, ids: list[int]) -> list[float]:
