@@ -99,7 +99,7 @@ def _prefix_cache_dir(args: argparse.Namespace) -> str | None:
     So a restarted conversation, or the same `--system` prompt, starts at once.
     """
     if args.no_disk_cache:
-        return None
+        return ""  # off, whatever the environment says
     from langchain_mlx.engine.types import PREFIX_CACHE_DIR_ENV
     from langchain_mlx.models.store import cache_dir
 
@@ -167,9 +167,11 @@ def _print_summary(answer: AIMessageChunk) -> None:
     if not tokens or "prompt_tokens_per_second" not in meta:
         return
     cached = (tokens.get("input_token_details") or {}).get("cache_read", 0)
+    where = " on disk" if meta.get("cache_read_from") == "disk" else ""
     _progress(
         f"{tokens['input_tokens']} prompt tokens "
-        f"({cached} from cache, {meta['prompt_tokens_per_second']:.1f} tok/s), "
+        f"({cached} from cache{where}, "
+        f"{meta['prompt_tokens_per_second']:.1f} tok/s), "
         f"{tokens['output_tokens']} generated "
         f"({meta['generation_tokens_per_second']:.1f} tok/s), "
         f"finish: {meta.get('finish_reason')}"

@@ -66,9 +66,16 @@ class EngineFields(BaseModel):
     disk instead of prefilling them again. Safe to share between processes
     and models (entries are keyed by the model's identity); damaged entries
     are skipped. Default: the environment variable
-    `LANGCHAIN_MLX_PREFIX_CACHE_DIR`, else no disk tier."""
+    `LANGCHAIN_MLX_PREFIX_CACHE_DIR`, else no disk tier; "" turns it off."""
     prefix_cache_disk_bytes: int | None = Field(default=None, ge=0)
     """Byte budget of that folder (default 4 GiB); least recently used go first."""
+    kv_memory_bytes: int | None = Field(default=None, ge=0)
+    """One budget for the KV memory of the model's engine: running requests
+    (prompt + max_tokens each) and the in-memory prefix cache. Requests wait
+    for room (one that can never fit raises `EngineOverloadedError`), and the
+    prefix cache makes room first (to the disk tier, when there is one).
+    Default: half of what MLX may still allocate once the model is loaded
+    (`mx.get_memory_limit()` minus what is in use); 0: no bound."""
     draft_model: str | None = None
     """A small model with the same tokenizer (prepared name, folder or hub id)
     that drafts tokens for speculative decoding, as `mlx_lm.server

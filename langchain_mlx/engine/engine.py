@@ -44,12 +44,14 @@ from langchain_mlx.engine.model_facts import (
     check_context,
     context_length_in_folder,
     context_length_of,
+    kv_bytes_per_token,
 )
 from langchain_mlx.engine.thread import Job, WorkerThread
 from langchain_mlx.engine.types import (
     ENGINE_OPTION_NAMES,
     DistributedError,
     EngineOptions,
+    EngineOverloadedError,
     EngineStoppedError,
     Request,
     RequestFailedError,
@@ -161,6 +163,8 @@ class Engine:
         self._users: dict[int, weakref.ref[Any]] = {}  # pydantic objects: unhashable
         self._draft_key: str | None = None
         self._identity: str | None = None  # of the model, for the disk tier
+        self._derived_budget: int | None = None
+        self._token_bytes = kv_bytes_per_token(model)
         self._draft: Any = None
         self._key: tuple[Any, ...] | None = None
         self._worker = WorkerThread(
@@ -367,7 +371,11 @@ class Engine:
     def require_options(self, options: dict[str, Any] | None) -> None:
         """Raise ValueError if `options` (None: any) differ from this engine's."""
         asked = {k: v for k, v in (options or {}).items() if v is not None}
-        differ = {k: v for k, v in asked.items() if getattr(self._options, k) != v}
+        differ = {
+            k: v
+            for k, v in asked.items()
+            if _effective(k, getattr(self._options, k)) != _effective(k, v)
+        }
         if differ:
             now = {k: getattr(self._options, k) for k in differ}
             msg = (
@@ -411,6 +419,7 @@ class Engine:
             before = self._applied
             self._applied = options
             scheduler.max_batch_size = options.max_batch_size
+            scheduler.kv_budget = self.kv_budget(options)
             self.prefix_cache.set_limits(
                 options.prefix_cache_entries, options.prefix_cache_bytes
             )
@@ -432,11 +441,37 @@ class Engine:
             )
             folder = None
         tier = None
-        if folder is not None:
+        if folder:  # "" turns it off
             if self._identity is None:
                 self._identity = model_identity(self.model, self.tokenizer)
             tier = DiskPrefixCache(folder, nbytes, self._identity)
         self.prefix_cache.attach_disk(tier, self.model)
+
+    def kv_budget(self, options: EngineOptions | None = None) -> int | None:
+        """Bytes of KV memory running requests and the prefix cache may hold.
+
+        `kv_memory_bytes`, else half of what MLX may still allocate with the
+        model loaded (measured once; not on a sharded model, where every rank
+        must decide alike: set it there). None: no bound.
+        """
+        chosen = (options or self._options).kv_memory_bytes
+        if chosen is not None:
+            return chosen or None
+        if self._sharing is not None:
+            return None
+        if self._derived_budget is None:
+            import mlx.core as mx
+
+            free = int(mx.get_memory_limit()) - int(mx.get_active_memory())
+            self._derived_budget = max(free // 2, 0)
+        return self._derived_budget or None
+
+    def kv_cost(self, prompt_tokens: int, max_tokens: int) -> int:
+        """Bytes of KV memory a request alone may come to hold.
+
+        Prompt + max_tokens, rounded up as mlx-lm's caches grow (256 positions).
+        """
+        return (prompt_tokens + max_tokens + 256) * self._token_bytes
 
     @property
     def applied_options(self) -> EngineOptions | None:
@@ -549,6 +584,18 @@ class Engine:
             msg = "the prompt is empty: at least one token is needed to generate"
             raise ValueError(msg)
         self.check_fits(len(request.prompt_ids), request.settings.max_tokens)
+        budget = self.kv_budget()
+        cost = self.kv_cost(len(request.prompt_ids), request.settings.max_tokens)
+        if budget is not None and cost > budget:
+            msg = (
+                f"this request may hold {cost / 2**20:.1f} MiB of KV memory "
+                f"({len(request.prompt_ids)} prompt tokens + max_tokens="
+                f"{request.settings.max_tokens}, {self._token_bytes} bytes per "
+                f"token), more than the engine's budget of {budget / 2**20:.1f} "
+                f"MiB (kv_memory_bytes) for {self.name!r}: it could never run. "
+                "Lower max_tokens, shorten the prompt, or raise kv_memory_bytes."
+            )
+            raise EngineOverloadedError(msg)
         if self._sharing is not None:
             from langchain_mlx.engine.distributed import shareable_request
 
@@ -688,7 +735,7 @@ class Engine:
 
             if scheduler is not None:
                 scheduler.release()
-            self.prefix_cache.attach_disk(None, self.model)  # pending writes land
+            self.prefix_cache.attach_disk(None, None)  # pending writes land
             self.prefix_cache.clear()
             self.model = self.tokenizer = None
             self._scheduler = scheduler = None
@@ -714,6 +761,11 @@ class Engine:
             f"the MLX engine for {self.name!r} was closed while the request ran; "
             "create the model again to load it anew"
         )
+
+
+def _effective(name: str, value: Any) -> Any:
+    """An option's meaning: no disk folder is the same whether None or ""."""
+    return (value or None) if name == "prefix_cache_dir" else value
 
 
 def _in_event_loop() -> bool:

@@ -38,6 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from langchain_mlx.engine.intake import Intake, Submission
+from langchain_mlx.engine.model_facts import kv_bytes_per_token
 from langchain_mlx.engine.types import DistributedError, EngineOptions
 
 if TYPE_CHECKING:
@@ -180,36 +181,6 @@ class LockstepDriver:
 def request_seed(group_seed: int, number: int) -> int:
     """A request's seed on a sharded model: the same on every rank, its own."""
     return (group_seed * 1_000_003 + number * 7_919) % (1 << 31)
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """KV-cache bytes per token of the whole model, from its configuration.
-
-    The same on every rank (the configuration and the norms' dtype are; the
-    weights are split), which makes it a rank-invariant unit for the prefix
-    cache's budget; in one process it is what a cached token's KV state takes.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    args = getattr(model, "args", None)
-    layers = getattr(args, "num_hidden_layers", None) or len(
-        getattr(model, "layers", []) or [1]
-    )
-    heads = getattr(args, "num_attention_heads", None) or 1
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or (
-        (getattr(args, "hidden_size", None) or 64 * heads) // heads
-    )
-    itemsize = next(  # the activations' dtype: the first floating parameter's
-        (
-            a.dtype.size
-            for _, a in tree_flatten(model.parameters())
-            if mx.issubdtype(a.dtype, mx.floating)
-        ),
-        2,
-    )
-    return int(2 * layers * kv_heads * head_dim * itemsize)  # keys + values
 
 
 def follow(worker: WorkerThread, sharing: StepSharing, engine: Host) -> None:

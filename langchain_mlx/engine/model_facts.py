@@ -170,3 +170,34 @@ def cache_length(cache: list[Any]) -> int | None:
         if isinstance(offset, int):
             return offset
     return None
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """KV-cache bytes per token of the whole model, from its configuration.
+
+    The same on every rank (the configuration and the norms' dtype are; the
+    weights are split), which makes it a rank-invariant unit for the prefix
+    cache's budget; in one process it is what a cached token's KV state takes.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    args = getattr(model, "args", None)
+    layers = getattr(args, "num_hidden_layers", None) or len(
+        getattr(model, "layers", []) or [1]
+    )
+    heads = getattr(args, "num_attention_heads", None) or 1
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or (
+        (getattr(args, "hidden_size", None) or 64 * heads) // heads
+    )
+    parameters = getattr(model, "parameters", None)
+    itemsize = next(  # the activations' dtype: the first floating parameter's
+        (
+            a.dtype.size
+            for _, a in tree_flatten(parameters() if callable(parameters) else {})
+            if mx.issubdtype(a.dtype, mx.floating)
+        ),
+        2,
+    )
+    return int(2 * layers * kv_heads * head_dim * itemsize)  # keys + values

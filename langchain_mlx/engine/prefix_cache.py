@@ -128,6 +128,18 @@ class PrefixCache:
         self._lru.trim_to(n_sequences=self._lru.max_size, n_bytes=self._lru.max_bytes)
         self._evict_to_budget()
 
+    def shrink_to(self, nbytes: int) -> None:
+        """Drop least recently used entries until they hold at most `nbytes`.
+
+        Memory pressure (the engine's KV budget), not a change of the limits.
+        """
+        lru = self._lru
+        while len(lru) and self.nbytes > nbytes:
+            model, tokens = lru._lru.pop()  # mlx-lm 0.32's own eviction order
+            entry = lru._trie.pop(model, tokens)
+            lru._n_bytes -= entry.nbytes
+            lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+
     def count_tokens(self, token_bytes: int) -> None:
         """Bound the cache by tokens held x `token_bytes`, not by measured bytes.
 
@@ -198,8 +210,9 @@ class PrefixCache:
         if self.disk is not None and self.disk is not disk:
             self.disk.close()
         self.disk = disk
-        self._model = model
-        self._trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
+        self._model = model if disk is not None else None  # it holds the weights
+        if disk is not None:
+            self._trimmable = bool(can_trim_prompt_cache(make_prompt_cache(model)))
 
     def _from_disk(self, key: str) -> bool:
         """Read a disk entry into memory; False when it could not be used."""

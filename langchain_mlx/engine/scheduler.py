@@ -55,7 +55,11 @@ from langchain_mlx.engine.guards import (
 )
 from langchain_mlx.engine.handle import RequestHandle
 from langchain_mlx.engine.live import Live, final_event, finish_reason
-from langchain_mlx.engine.model_facts import output_head, undo_room
+from langchain_mlx.engine.model_facts import (
+    kv_bytes_per_token,
+    output_head,
+    undo_room,
+)
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
     common_length,
@@ -83,6 +87,7 @@ STEP_SECONDS = 0.25
 PREFILL_MIN, PREFILL_MAX = 8, 512  # prompt tokens per step
 SOLO_PREFILL_STEPS = 4  # a lone request's prefill step: as long as 4 batch steps
 SHARED_PREFIX_MIN = 16  # tokens worth prefilling once for several requests
+KV_STEP = 256  # mlx-lm's KV caches grow by this many positions
 
 
 class Scheduler:
@@ -139,6 +144,9 @@ class Scheduler:
         self.draft_model = draft_model
         """A small model with the same tokenizer that drafts tokens, or None."""
         self._draft: DraftModel | None = None  # its drafter, cache kept
+        self.kv_budget: int | None = None
+        """Bytes of KV memory running requests and the prefix cache may hold."""
+        self._token_bytes = kv_bytes_per_token(model)
 
     @property
     def busy(self) -> bool:
@@ -318,6 +326,32 @@ class Scheduler:
                 )
         return self._generator
 
+    def _footprint(self, requests: list[Request]) -> int:
+        """KV bytes a batch of `requests` may come to hold.
+
+        A batch's caches are as long as its longest sequence (prompt +
+        max_tokens; shorter ones are padded) and grow in steps of 256 tokens.
+        """
+        if not requests:
+            return 0
+        longest = max(len(r.prompt_ids) + r.settings.max_tokens for r in requests)
+        return len(requests) * (longest + KV_STEP) * self._token_bytes
+
+    def _room_for(self, live: Live) -> bool:
+        """Whether `live` fits the KV budget now; the prefix cache gives way first.
+
+        Entries the prefix cache drops are on disk already when it has a disk
+        tier (every state it keeps is written there).
+        """
+        if self.kv_budget is None:
+            return True
+        running = [other.request for other in self._live.values()]
+        need = self._footprint([*running, live.request])
+        if need > self.kv_budget and self._live:
+            return False  # wait for a running request to finish
+        self._prefix.shrink_to(max(self.kv_budget - need, 0))
+        return True
+
     def _admit(self) -> None:
         if self._solo is not None and self._waiting:
             self._solo_to_batch(self._solo)  # company: one token per step for all
@@ -327,6 +361,7 @@ class Scheduler:
             and not self._live
             and not self._jobs
             and self._solo_pays(self._waiting[0].request)
+            and self._room_for(self._waiting[0])
         ):
             live = self._waiting.popleft()
             try:
@@ -344,6 +379,8 @@ class Scheduler:
                 break
             if live.waits_for in self._providers:  # its start is on the way
                 continue
+            if not self._room_for(live):
+                break  # in order: later requests wait behind it
             self._waiting.remove(live)
             try:
                 self._insert(live)

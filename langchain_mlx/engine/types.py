@@ -236,10 +236,15 @@ class EngineOptions:
     """Byte budget of those caches; least recently used go first (0: off)."""
     prefix_cache_dir: str | None = None
     """A folder where those caches are also written, so a restarted process
-    starts from them (None: no disk tier; default from the environment
-    variable `LANGCHAIN_MLX_PREFIX_CACHE_DIR`)."""
+    starts from them (None: the environment variable
+    `LANGCHAIN_MLX_PREFIX_CACHE_DIR`, else no disk tier; "": none)."""
     prefix_cache_disk_bytes: int = 4 << 30
     """Byte budget of the folder; least recently used entries go first."""
+    kv_memory_bytes: int | None = None
+    """One budget for the KV memory the engine holds: running requests (prompt
+    + max_tokens each) and the in-memory prefix cache. Requests wait for room;
+    the prefix cache gives room first (spilling to the disk tier). None: half
+    of what MLX may still allocate once the model is loaded (0: no bound)."""
 
     @classmethod
     def chosen(cls, options: dict[str, Any] | None) -> EngineOptions:
@@ -255,6 +260,8 @@ class EngineOptions:
         """Raise ValueError for a value the engine cannot work with."""
         for name in ENGINE_OPTION_NAMES:
             value = getattr(self, name)
+            if name == "kv_memory_bytes" and value is None:
+                continue
             if name == "prefix_cache_dir":
                 if value is not None and not isinstance(value, str):
                     msg = f"prefix_cache_dir must be a folder path (str), got {value!r}"
@@ -265,8 +272,8 @@ class EngineOptions:
             msg = f"max_batch_size must be >= 1, got {self.max_batch_size!r}"
             raise ValueError(msg)
         for name in ("max_queue", "prefix_cache_entries", "prefix_cache_bytes",
-                     "prefix_cache_disk_bytes"):  # fmt: skip
-            if getattr(self, name) < 0:
+                     "prefix_cache_disk_bytes", "kv_memory_bytes"):  # fmt: skip
+            if (getattr(self, name) or 0) < 0:
                 value = getattr(self, name)
                 msg = f"{name} must be >= 0 (0 turns it off), got {value!r}"
                 raise ValueError(msg)
@@ -274,7 +281,7 @@ class EngineOptions:
 
 ENGINE_OPTION_NAMES = ("max_batch_size", "max_queue", "prefix_cache_entries",
                        "prefix_cache_bytes", "prefix_cache_dir",
-                       "prefix_cache_disk_bytes")  # fmt: skip
+                       "prefix_cache_disk_bytes", "kv_memory_bytes")  # fmt: skip
 PREFIX_CACHE_DIR_ENV = "LANGCHAIN_MLX_PREFIX_CACHE_DIR"
 
 

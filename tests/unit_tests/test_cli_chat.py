@@ -12,10 +12,12 @@ Two kinds of test:
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +27,8 @@ from langchain_mlx import cli
 from langchain_mlx.engine.types import ContextWindowExceededError
 
 SUMMARY = re.compile(
-    r"^\[langchain-mlx\] (\d+) prompt tokens \((\d+) from cache, [\d.]+ tok/s\), "
+    r"^\[langchain-mlx\] (\d+) prompt tokens \((\d+) from cache(?: on disk)?, "
+    r"[\d.]+ tok/s\), "
     r"(\d+) generated \([\d.]+ tok/s\), finish: (\w+)$"
 )
 
@@ -51,10 +54,15 @@ def _summaries(err: str) -> list[Summary]:
 
 
 def _run_cli(
-    model: str, stdin: str, *args: str, merge: bool = False
+    model: str,
+    stdin: str,
+    *args: str,
+    merge: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "langchain_mlx.cli", "chat", "--model", model, *args],
+        env={**os.environ, **(env or {})},
         input=stdin,
         capture_output=not merge,
         stdout=subprocess.PIPE if merge else None,
@@ -86,6 +94,22 @@ def test_two_piped_lines_are_both_answered(tiny_model_path: str) -> None:
     # turn 2 carries turn 1's question and answer, reused from the prefix cache
     assert second.prompt >= first.prompt + first.generated
     assert second.cached > 0
+
+
+def test_a_restarted_question_reads_its_prompt_from_disk(
+    tiny_model_path: str, tmp_path: Path
+) -> None:
+    # the default folder under the cache home: a second run starts from disk
+    env = {"LANGCHAIN_MLX_PREFIX_CACHE_DIR": str(tmp_path / "kv")}
+    question = ("--max-tokens", "3", "-v", "--system", "Be brief. " * 20, "Hi")
+    first = _run_cli(tiny_model_path, "", *question, env=env)
+    second = _run_cli(tiny_model_path, "", *question, env=env)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert " from cache on disk" not in first.stderr
+    assert " from cache on disk" in second.stderr
+    assert first.stdout == second.stdout
+    off = _run_cli(tiny_model_path, "", *question, "--no-disk-cache", env=env)
+    assert " from cache on disk" not in off.stderr
 
 
 def test_commands_in_a_piped_session(tiny_model_path: str) -> None:
@@ -223,6 +247,8 @@ def _session(
     monkeypatch.setattr(sys, "stderr", err)
     if chat is not None:
         monkeypatch.setattr(cli, "_open_chat", lambda args: chat)
+    else:  # the engine is shared in this process: keep its options as they are
+        args = (*args, "--no-disk-cache")
     code = cli.main(["chat", "--model", model, *args])
     return code, out.getvalue(), err.getvalue()
 

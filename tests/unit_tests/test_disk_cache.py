@@ -127,10 +127,12 @@ def test_a_sidecar_that_is_not_json_or_another_format_is_ignored(
 
 
 def test_another_model_reads_nothing_from_the_folder(
-    tiny32: str, other_tiny_model_path: str, tmp_path: Path
+    tiny32: str, tmp_path: Path
 ) -> None:
     ask(tiny32, tmp_path)
-    other = ask(other_tiny_model_path, tmp_path)
+    # a fresh folder of its own: its engine is new, whatever ran before
+    other_model = write_tiny_model(tmp_path / "m" / "other", hidden_size=32, seed=1)
+    other = ask(str(other_model), tmp_path)
     assert read_from(other) == (0, None)
     assert len({p.parent for p in entries(tmp_path)}) == 2  # one folder per model
 

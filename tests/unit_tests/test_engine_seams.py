@@ -412,3 +412,73 @@ def test_the_batch_and_the_serial_generator_speak_one_protocol(
     for generator in (BatchGenerator(model), SerialGenerator(model)):
         assert isinstance(generator, SequenceGenerator)
         generator.close()
+
+
+# -- memory inside a bound ----------------------------------------------------------
+
+
+def test_concurrent_long_requests_stay_inside_the_kv_budget(
+    tmp_path: Any,
+) -> None:
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from tests.tiny_models import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "wide", hidden_size=256, num_layers=4,
+                              dtype="float32")  # fmt: skip
+    model, tokenizer = load(str(folder))
+    scheduler = make_scheduler((model, tokenizer))
+    per_request = (300 + 100 + 256) * scheduler._token_bytes
+    scheduler.kv_budget = 2 * per_request  # two of the six at a time
+    gc.collect()
+    mx.clear_cache()
+    baseline = mx.get_active_memory()
+    handles = []
+    for i in range(6):
+        prompt = [(17 * i + 7 * j) % 4000 + 100 for j in range(300)]
+        settings = GenerationSettings(max_tokens=100, prompt_lookup=False)
+        handle = RequestHandle(lambda: None)
+        scheduler.add(handle, Request(prompt_ids=prompt, settings=settings), 0.0, i)
+        handles.append(handle)
+    held, most = 0, 0
+    while scheduler.busy:
+        scheduler.step()
+        most = max(most, len(scheduler._live))
+        held = max(held, mx.get_active_memory() - baseline)
+    assert most == 2
+    # beyond the budget, a step holds per sequence its logits rows (this step's
+    # and the launched next one's) and, while a cache grows, one more block of
+    # 256 positions; six requests at once would hold three times the budget
+    from langchain_mlx.engine.scheduler import KV_STEP
+
+    step = most * (4 * tokenizer.vocab_size * 4 + KV_STEP * scheduler._token_bytes)
+    assert held <= scheduler.kv_budget + step, (held, scheduler.kv_budget, step)
+    for handle in handles:  # every request ran to its end
+        (*_, final) = events(handle)
+        assert isinstance(final, Final) and final.generation_tokens == 100
+
+
+def test_a_request_that_can_never_fit_the_budget_is_refused(
+    tiny_model_path: str,
+) -> None:
+    from langchain_mlx.engine.engine import Engine
+    from langchain_mlx.engine.types import EngineOverloadedError
+
+    model, tokenizer = load_tiny(tiny_model_path)
+    engine = Engine.for_objects(
+        model, tokenizer, name="tiny-budget", options={"kv_memory_bytes": 100_000}
+    )
+    try:
+        request = plain((model, tokenizer))
+        too_long = Request(
+            prompt_ids=request.prompt_ids,
+            settings=GenerationSettings(max_tokens=1000),
+        )
+        with pytest.raises(EngineOverloadedError, match=r"kv_memory_bytes"):
+            engine.submit(too_long)
+        assert engine.kv_budget() == 100_000
+    finally:
+        engine.close()

@@ -114,6 +114,7 @@ class FakeFinal:
     forced_tokens: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    cache_source: str | None = None
 
 
 def routed(pieces: list[str], rules: TextRules | None = None) -> list[Segment]:
