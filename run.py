@@ -99,6 +99,8 @@ def main() -> int:
             "bench_agent_tools.py",
             "bench_tool_calls.py",
             "bench_distributed.py",
+            "bench_decisions.py",
+            "bench_restart.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")
