@@ -546,9 +546,8 @@ def _response_schema(response_format: Any) -> tuple[dict[str, Any], str, str]:
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema", spec)
         _check_schema("the response schema", schema, "schema")
-        text = (
-            "Answer with a JSON object that matches this JSON schema:\n"
-            + json_text(schema, "the response schema", "schema")
+        text = "Answer with a JSON object that matches this JSON schema:\n" + json_text(
+            schema, "the response schema", "schema"
         )
         return schema, "the response schema", text
     msg = (
