@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from langchain_mlx.engine.prefix_cache import common_length, read_cache_file
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "langchain-mlx-kv/1"
@@ -147,7 +149,7 @@ class DiskPrefixCache:
         best: tuple[str | None, int] = (None, 0)
         limit = len(prompt) - 1
         for entry in self._entries():
-            n = _common(entry.tokens, prompt, limit)
+            n = common_length(entry.tokens, prompt, limit)
             usable = n if (n == len(entry.tokens) or trimmable) else 0
             if usable >= MIN_TOKENS and usable > best[1]:
                 best = (entry.key, usable)
@@ -155,8 +157,6 @@ class DiskPrefixCache:
 
     def load(self, key: str, model: Any) -> tuple[list[Any], list[int]] | None:
         """An entry's KV state and tokens, checked; None (and removed) if unusable."""
-        from langchain_mlx.engine.prefix_cache import read_cache_file
-
         entry = self._read_sidecar(key)
         if entry is None:
             return None
@@ -393,14 +393,6 @@ def _serializable(held: list[Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _key(tokens: tuple[int, ...]) -> str:
     return hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()[:32]
-
-
-def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    limit = min(limit, len(a), len(b))
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _sha256(file: Path) -> str:
