@@ -2,7 +2,7 @@
 
 Each run is a new process (a restart): it loads the model, sends one agent
 prompt (a system prompt with tool descriptions and a short conversation,
-~2,000 tokens) and reports its time to the first token and the answer.
+~1,300 tokens of SmolLM2) and reports its time to the first token and the answer.
 
 - ChatMLX cold: no prefix-cache folder, the whole prompt is prefilled;
 - ChatMLX, first run with a folder: the same, and the KV state is written;
