@@ -105,7 +105,9 @@ class LocalDriver:
 
     def fail(self, error: Exception) -> None:
         """Deliver a failed step to its requests; the worker lives on."""
-        logger.error("the MLX engine for %r failed a step", self._engine.name)
+        logger.error(
+            "the MLX engine for %r failed a step", self._engine.name, exc_info=error
+        )
         wrapped = RequestFailedError(f"the MLX engine failed a step: {error}")
         wrapped.__cause__ = error
         self._scheduler.fail_all(wrapped)
