@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ def _summaries(err: str) -> list[Summary]:
 # ---------------------------------------------------------------- real command
 
 
+_KV_FOLDER = tempfile.mkdtemp(prefix="langchain-mlx-test-kv-")
+
+
 def _run_cli(
     model: str,
     stdin: str,
@@ -62,7 +66,8 @@ def _run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "langchain_mlx.cli", "chat", "--model", model, *args],
-        env={**os.environ, **(env or {})},
+        # the default folder of the disk tier is the cache home's: not from tests
+        env={**os.environ, "LANGCHAIN_MLX_PREFIX_CACHE_DIR": _KV_FOLDER, **(env or {})},
         input=stdin,
         capture_output=not merge,
         stdout=subprocess.PIPE if merge else None,
