@@ -182,14 +182,12 @@ def kv_bytes_per_token(model: Any) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    args = getattr(model, "args", None)
-    layers = getattr(args, "num_hidden_layers", None) or len(
-        getattr(model, "layers", []) or [1]
-    )
-    heads = getattr(args, "num_attention_heads", None) or 1
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or (
-        (getattr(args, "hidden_size", None) or 64 * heads) // heads
+    config = _language_config(getattr(model, "args", None))
+    layers = config.get("num_hidden_layers") or len(getattr(model, "layers", []) or [1])
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (
+        (config.get("hidden_size") or 64 * heads) // heads
     )
     parameters = getattr(model, "parameters", None)
     itemsize = next(  # the activations' dtype: the first floating parameter's
@@ -201,3 +199,15 @@ def kv_bytes_per_token(model: Any) -> int:
         2,
     )
     return int(2 * layers * kv_heads * head_dim * itemsize)  # keys + values
+
+
+def _language_config(args: Any) -> Mapping[str, Any]:
+    """The language model's settings: the arguments, or their text sub-config."""
+    fields = _fields(args) or {}
+    if "num_hidden_layers" in fields:
+        return fields
+    for key in _SUB_CONFIGS:
+        sub = _fields(fields.get(key))
+        if sub is not None and "num_hidden_layers" in sub:
+            return sub
+    return fields

@@ -75,3 +75,16 @@ def test_context_window_from_the_folder_config(
         with pytest.raises(ContextWindowExceededError, match="64 tokens"):
             llm.invoke("word " * 80)
         assert llm.engine.finished.total() == 0  # rejected before any work
+
+
+def test_kv_bytes_per_token_reads_a_multimodal_text_config() -> None:
+    from types import SimpleNamespace
+
+    from langchain_mlx.engine.model_facts import kv_bytes_per_token
+
+    text = {"num_hidden_layers": 18, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 256}  # fmt: skip
+    flat = SimpleNamespace(args=SimpleNamespace(**text))
+    nested = SimpleNamespace(args=SimpleNamespace(text_config=text))
+    # keys and values, 18 layers, one KV head of 256, 16-bit: 18,432 bytes
+    assert kv_bytes_per_token(flat) == kv_bytes_per_token(nested) == 18_432
