@@ -75,7 +75,9 @@ chat = ChatMLX(model=model, max_tokens=24, prefix_cache_dir=folder)
 loaded = time.perf_counter() - tic
 reply = chat.invoke([("system", system), *[tuple(t) for t in turns]])
 meta, usage = reply.response_metadata, reply.usage_metadata or {}
-chat.close()  # the disk writes land
+engine = chat.llm.engine
+chat.close()
+engine.wait_closed()  # the disk writes land
 print(json.dumps({
     "load_s": loaded,
     "ttft_s": meta["time_to_first_token_seconds"],

@@ -127,6 +127,9 @@ def _chat(args: argparse.Namespace) -> int:
         close = getattr(chat, "close", None)
         if close is not None:  # frees the model; the prefix cache's disk writes land
             close()
+            engine = getattr(getattr(chat, "llm", None), "engine", None)
+            if engine is not None:
+                engine.wait_closed()  # before the process exits
 
 
 def _stream_answer(chat: ChatMLX, messages: list[BaseMessage]) -> AIMessageChunk | None:

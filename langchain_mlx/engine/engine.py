@@ -325,13 +325,14 @@ class Engine:
             )
             raise EngineStoppedError(msg)
 
-    def close(self, *, wait: float = _CLOSE_WAIT_SECONDS) -> None:
+    def close(self, *, wait: float | None = _CLOSE_WAIT_SECONDS) -> None:
         """Cancel what runs, free the model and its caches; idempotent.
 
         Requests still running end with `EngineStoppedError`. Every object using
         this model stops working (a new one loads the model again). Waits up to
-        `wait` seconds for the current step to finish, except on a thread that
-        runs an event loop, which it never blocks (await `aclose()` there).
+        `wait` seconds (None: until it has) for the current step to finish and
+        the prefix cache's disk writes to land, except on a thread that runs an
+        event loop, which it never blocks (await `aclose()` there).
         """
         with self._registry_lock:
             if self._key is not None and self._registry.get(self._key) is self:
@@ -347,10 +348,14 @@ class Engine:
         if not self._worker.current and not _in_event_loop():
             self._worker.parked.wait(timeout=wait)
 
-    async def aclose(self, *, wait: float = _CLOSE_WAIT_SECONDS) -> None:
+    async def aclose(self, *, wait: float | None = _CLOSE_WAIT_SECONDS) -> None:
         """`close()` for async code: waits for the worker without blocking the loop."""
         self.close(wait=0)
         await asyncio.to_thread(self._worker.parked.wait, wait)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until a closed engine has stopped (its disk writes landed)."""
+        return self._worker.parked.wait(timeout)
 
     def attach(self, user: Any) -> None:
         """Tell `user` (weakly held) when the engine closes: `user._engine_closed()`."""

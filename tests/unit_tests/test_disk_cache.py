@@ -40,10 +40,12 @@ def ask(model: str, folder: Path | None, **kwargs: Any) -> Any:
         prefix_cache_dir=str(folder) if folder else None,
         **kwargs,
     )
+    engine = chat.llm.engine
     try:
         return chat.invoke([("system", SYSTEM), ("human", QUESTION)])
     finally:
-        chat.close()  # waits for the disk writes
+        chat.close()
+        engine.wait_closed()  # the disk writes have landed
 
 
 def read_from(message: Any) -> tuple[int, str | None]:
@@ -79,6 +81,9 @@ def test_a_new_process_reads_the_folder(tiny32: str, tmp_path: Path) -> None:
         details = reply.usage_metadata.get("input_token_details") or {{}}
         print(json.dumps([reply.content, details.get("cache_read", 0),
                           reply.response_metadata["cache_read_from"]]))
+        engine = chat.llm.engine
+        chat.close()
+        engine.wait_closed()  # the disk writes land before the process exits
         """
     )
     env = {**os.environ, "LANGCHAIN_MLX_PREFIX_CACHE_DIR": str(tmp_path)}
@@ -148,7 +153,9 @@ def test_the_folder_stays_inside_its_budget(tiny32: str, tmp_path: Path) -> None
             prefix_cache_disk_bytes=budget,
         )  # fmt: skip
         chat.invoke([("system", SYSTEM), ("human", f"Question {i}: {QUESTION}")])
+        engine = chat.llm.engine
         chat.close()
+        engine.wait_closed()  # written and evicted
         held = sum(json.loads(p.read_text())["bytes"] for p in entries(tmp_path))
         assert held <= budget
 
@@ -175,7 +182,9 @@ def test_two_processes_share_one_folder(tiny32: str, tmp_path: Path) -> None:
         for i in range(4):
             reply = chat.invoke([("system", {SYSTEM!r}), ("human", f"Q{{i}}")])
             print(repr(reply.content), flush=True)
+        engine = chat.llm.engine
         chat.close()
+        engine.wait_closed()
         """
     )
     procs = [
