@@ -47,7 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from langchain_mlx.engine.prefix_cache import common_length, read_cache_file
+from langchain_mlx.engine.prefix_cache import (
+    common_length,
+    model_fingerprint,
+    read_cache_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +75,10 @@ def model_identity(model: Any, tokenizer: Any) -> str:
     from mlx_lm.models.cache import make_prompt_cache
 
     digest = hashlib.sha256(FORMAT.encode())
-    args = getattr(model, "args", None)
-    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
-    digest.update(type(model).__module__.encode())
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    params = tree_flatten(model.parameters())
-    for i, (name, array) in enumerate(params):
+    digest.update(model_fingerprint(model).encode())  # family, config, a sample
+    for name, array in tree_flatten(model.parameters()):  # an adapter adds some
         digest.update(f"{name}:{array.shape}:{array.dtype}".encode())
-        if i in (0, len(params) - 1) or "lora" in name:
+        if "lora" in name:
             digest.update(json.dumps(array.reshape(-1)[:16].tolist()).encode())
     layout = [
         (type(c).__name__, getattr(c, "max_size", None), getattr(c, "keep", None))

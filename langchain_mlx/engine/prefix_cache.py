@@ -133,12 +133,8 @@ class PrefixCache:
 
         Memory pressure (the engine's KV budget), not a change of the limits.
         """
-        lru = self._lru
-        while len(lru) and self.nbytes > nbytes:
-            model, tokens = lru._lru.pop()  # mlx-lm 0.32's own eviction order
-            entry = lru._trie.pop(model, tokens)
-            lru._n_bytes -= entry.nbytes
-            lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        while len(self._lru) and self.nbytes > nbytes:
+            self._evict_one()
 
     def count_tokens(self, token_bytes: int) -> None:
         """Bound the cache by tokens held x `token_bytes`, not by measured bytes.
@@ -161,12 +157,16 @@ class PrefixCache:
         """Counting tokens: drop least recently used entries until within budget."""
         if self._token_bytes is None:
             return
+        while len(self._lru) and self.held_tokens * self._token_bytes > self._budget:
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        """Drop the entry `LRUPromptCache` would evict next (mlx-lm 0.32's order)."""
         lru = self._lru
-        while len(lru) and self.held_tokens * self._token_bytes > self._budget:
-            model, tokens = lru._lru.pop()  # mlx-lm 0.32's own eviction order
-            entry = lru._trie.pop(model, tokens)
-            lru._n_bytes -= entry.nbytes
-            lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        model, tokens = lru._lru.pop()
+        entry = lru._trie.pop(model, tokens)
+        lru._n_bytes -= entry.nbytes
+        lru._n_bytes_by_type[entry.cache_type] -= entry.nbytes
 
     def clear(self) -> None:
         """Drop every cached prefix."""
