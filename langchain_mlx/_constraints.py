@@ -16,29 +16,40 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# How JSON is laid out. Where the schema names the keys (tool calls, structured
-# output) the layout is fixed to the one chat templates print tool calls in
-# (`{"name": "f", "arguments": {"a": 1}}`): then everything between two values
-# (`", "age": `) is forced, and the engine feeds it without a decode step per
-# token (fast-forward). JSON mode (any object: the model picks keys and layout)
-# keeps flexible whitespace: none, one space, or a newline with up to 12
-# spaces. A fixed separator there forbade Qwen's `",\n` token and greedy
-# Qwen2.5-Coder then never closed its first string.
+# How JSON is laid out. Where we pick the format and the schema names the keys
+# (forced tool calls, structured output) the layout is fixed to the one chat
+# templates print tool calls in (`{"name": "f", "arguments": {"a": 1}}`): then
+# everything between two values (`", "age": `) is forced, and the engine feeds
+# it without a decode step per token (fast-forward). Where the model picks the
+# layout (JSON mode; an auto-mode call it started with a newline or without
+# spaces) whitespace is flexible but bounded: none, one space, or a newline
+# and an indent, at each place JSON allows it. A fixed separator there forbade
+# Qwen's `",\n` token: greedy Qwen2.5-Coder then never closed its first string
+# (JSON mode), or wrote digits after a number that wanted a newline until
+# `max_tokens` (a call in a ```json fence).
+JSON_WHITESPACE = r"(?:\n {0,24}| )"
 COMPACT_JSON: dict[str, Any] = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
 }
-JSON_OPTIONS: dict[str, Any] = {
+SPACED_JSON: dict[str, Any] = {
     "whitespace_flexible": True,
-    "whitespace_pattern": r"(?:\n {0,12}| )",
+    "whitespace_pattern": JSON_WHITESPACE,
     "item_separator": ",",
     "key_separator": ":",
 }
+INTEGER_LIMIT = 9 * 10**18
+"""Integers without bounds of their own stay within +-9e18 (at most 19 digits):
+a model that keeps writing digits then has to end the number, and the call or
+answer is complete instead of cut at `max_tokens`. (llguidance builds integer
+ranges in 64-bit integers, so a bound must stay below 2**63. Numbers are not
+bounded: any bound on a JSON number also forbids exponents such as 1e-05.)"""
 
 
 class UnsupportedSchemaError(ValueError):
@@ -69,15 +80,35 @@ class ToolCallFormat:
         return self.start is not None
 
 
-def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
-    layout = JSON_OPTIONS if schema == {"type": "object"} else COMPACT_JSON
-    schema = close_objects(schema)
+def _with_options(
+    schema: dict[str, Any], layout: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    if layout is None:
+        layout = SPACED_JSON if schema == {"type": "object"} else COMPACT_JSON
+    schema = bound_integers(close_objects(schema))
     return {**schema, "x-guidance": {**layout, **schema.get("x-guidance", {})}}
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "allOf")
 _SCHEMA_ONE = ("items", "additionalProperties", "not", "contains")
+
+
+def _map_subschemas(
+    schema: dict[str, Any], fn: Callable[[Any, str], Any]
+) -> dict[str, Any]:
+    """A copy of `schema` with `fn(subschema, keyword)` applied one level down."""
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: fn(v, key) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [fn(v, key) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = fn(out[key], key)
+    return out
 
 
 def close_objects(schema: Any, *, close: bool = True) -> Any:
@@ -90,21 +121,46 @@ def close_objects(schema: Any, *, close: bool = True) -> Any:
     """
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {k: close_objects(v) for k, v in out[key].items()}
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [close_objects(v) for v in out[key]]
-    for key in _SCHEMA_ONE:
-        if isinstance(out.get(key), dict):
-            out[key] = close_objects(out[key])
-    if isinstance(out.get("allOf"), list):
-        out["allOf"] = [close_objects(v, close=False) for v in out["allOf"]]
+    out = _map_subschemas(
+        schema, lambda sub, key: close_objects(sub, close=key != "allOf")
+    )
     if close and "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
+
+
+def bound_integers(schema: Any) -> Any:
+    """Integers without a bound of their own get one: `INTEGER_LIMIT` either way.
+
+    Bounds the schema sets are kept (a side it bounds is left alone), as are
+    integers whose values are listed (`enum`, `const`), a type that also allows
+    any number, and everything under `not` (a bound there would widen it).
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = _map_subschemas(
+        schema, lambda sub, key: sub if key == "not" else bound_integers(sub)
+    )
+    kind = out.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if "integer" not in kinds or "number" in kinds or out.keys() & {"enum", "const"}:
+        return out
+    low, high = _bound(out, "minimum"), _bound(out, "maximum")
+    if low is None and (high is None or high >= -INTEGER_LIMIT):
+        out["minimum"] = -INTEGER_LIMIT
+    if high is None and (low is None or low <= INTEGER_LIMIT):
+        out["maximum"] = INTEGER_LIMIT
+    return out
+
+
+def _bound(schema: dict[str, Any], side: str) -> float | None:
+    """The schema's own `minimum`/`maximum` (or exclusive one), if it has one."""
+    exclusive = "exclusive" + side[0].upper() + side[1:]
+    for key in (side, exclusive):  # draft 4's boolean `exclusiveMinimum` is no bound
+        value = schema.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
@@ -176,22 +232,41 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     one. From there the rest must be a call of a bound tool with arguments in
     its schema (llguidance's lazy lexemes: the text before a call is matched
     shortest-first, so the first trigger starts the call), after which free
-    text may follow again. The final text cannot contain a trigger, so a call
-    cannot be slipped past the grammar as text.
+    text may follow again, and so may more calls. The final text cannot
+    contain a trigger, so a call cannot be slipped past the grammar as text.
+
+    A bare call keeps the layout its start shows: `{"name": "` exactly (as
+    templates print calls) is compact, so what lies between values is forced;
+    any other spacing (Qwen2.5-Coder's ```json fence: `{\n  "name": "`) lets
+    the rest be spaced as the model likes (`JSON_WHITESPACE`, bounded).
     """
-    bare = r'\{\s*"name"\s*:\s*"'  # as the model spaces it (Qwen: `{\n  "name"`)
+    compact = r'\{"name": "'
+    bare = r'\{\s*"name"\s*:\s*"'  # as the model spaces it
+    ws = f"(?:{JSON_WHITESPACE})?"
     triggers = [bare]
-    rules = [f"bare_hd[lazy]: /(?s:.*){bare}/"]
-    rests = []
+    rules = [
+        f"compact_hd[lazy]: /(?s:.*){compact}/",
+        "spaced_hd[lazy]: SPACED_HD",
+        f"SPACED_HD: /(?s:.*){bare}/ & ~/(?s:.*){compact}/",
+    ]
+    compact_rests, spaced_rests = [], []
     for i, tool in enumerate(tools):
         fn = tool["function"]
+        params = _parameters(fn)
         name = json.dumps(fn["name"])[1:]  # the name and its closing quote
-        args = json.dumps(_with_options(_parameters(fn)))
-        rests.append(f"rest{i}")
-        rules.append(f'rest{i}: {json.dumps(name)} ", \\"arguments\\": " args{i} "}}"')
-        rules.append(f"args{i}: %json {args}")
-    calls = ["bare_hd bare_rest"]
-    rules.append(f"bare_rest: {' | '.join(rests)}")
+        compact_rests.append(f"compact{i}")
+        rules.append(
+            f'compact{i}: {json.dumps(name)} ", \\"arguments\\": " compact_args{i} "}}"'
+        )
+        rules.append(f"compact_args{i}: %json {json.dumps(_with_options(params))}")
+        spaced_rests.append(f"spaced{i}")
+        head = f'{re.escape(name)}{ws},{ws}"arguments"{ws}:{ws}'
+        rules.append(f"spaced{i}: /{head}/ spaced_args{i} /{ws}\\}}/")
+        args = json.dumps(_with_options(params, SPACED_JSON))
+        rules.append(f"spaced_args{i}: %json {args}")
+    calls = ["compact_hd compact_call", "spaced_hd spaced_call"]
+    rules.append(f"compact_call: {' | '.join(compact_rests)}")
+    rules.append(f"spaced_call: {' | '.join(spaced_rests)}")
     if fmt.tagged:
         start = fmt.start_lark or json.dumps(fmt.start)
         end = fmt.end_lark or json.dumps(fmt.end)
@@ -245,6 +320,11 @@ class ConstraintCompiler:
         self.lltokenizer = LLTokenizer(
             backend.to_str(), eos_token=hf_tokenizer.eos_token_id
         )
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # grammar -> matcher
+        self._compiled_lock = threading.Lock()
+
+    MAX_COMPILED = 16
+    """Grammars whose compiled matcher is kept (least recently used dropped)."""
 
     _cache: dict[int, tuple[Any, ConstraintCompiler]] = {}  # noqa: RUF012
     _cache_lock = threading.Lock()
@@ -278,7 +358,32 @@ class ConstraintCompiler:
         self, grammar: str, what: str, *, lazy: bool = False
     ) -> GrammarLogitsProcessor:
         """A fresh, single-use logits processor for one generation."""
-        return GrammarLogitsProcessor(self.lltokenizer, grammar, what, lazy=lazy)
+        return GrammarLogitsProcessor(
+            self.lltokenizer, grammar, what, lazy=lazy, matcher=self._matcher(grammar)
+        )
+
+    def _matcher(self, grammar: str) -> Any:
+        """A fresh matcher: the grammar is compiled once, then copied (< 1 ms).
+
+        Compiling costs milliseconds per tool schema (an auto-mode grammar over
+        40 tools: ~0.15 s, most of it bounded integers), and an agent sends the
+        same grammar at every step.
+        """
+        from llguidance import LLMatcher
+
+        with self._compiled_lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled.deep_copy()
+        compiled = LLMatcher(self.lltokenizer, grammar)
+        if compiled.is_error():
+            return compiled  # the processor reports it
+        with self._compiled_lock:
+            self._compiled[grammar] = compiled
+            while len(self._compiled) > self.MAX_COMPILED:
+                self._compiled.popitem(last=False)
+            return compiled.deep_copy()
 
 
 def constraint_from_spec(tokenizer: Any, spec: Any) -> GrammarLogitsProcessor:
@@ -315,6 +420,7 @@ class GrammarLogitsProcessor:
         what: str = "the grammar",
         *,
         lazy: bool = False,
+        matcher: Any = None,
     ) -> None:
         import numpy as np
         from llguidance import LLMatcher
@@ -323,7 +429,9 @@ class GrammarLogitsProcessor:
         self._np = np
         self.spec = (grammar, what, lazy)
         """What `constraint_from_spec` rebuilds it from (on other ranks)."""
-        self._matcher = LLMatcher(lltokenizer, grammar)
+        if matcher is None:  # else a fresh one the caller compiled before
+            matcher = LLMatcher(lltokenizer, grammar)
+        self._matcher = matcher
         if self._matcher.is_error():
             raise _unsupported(what, self._matcher.get_error())
         self._n_vocab = int(lltokenizer.vocab_size)

@@ -6,6 +6,7 @@ must still be valid by construction — over many seeds and schemas.
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Optional
 
 import pytest
@@ -245,3 +246,237 @@ def test_fast_forward_greedy_output_equals_token_by_token(
     assert calls[0] == calls[1]
     assert outputs[0]["parsed"] == outputs[1]["parsed"]
     assert outputs[1]["raw"].response_metadata["forced_tokens"] > 0
+
+
+# -- auto mode: calls laid out as the model writes them (BFCL smoke run) ------------
+
+
+def tool(name: str, properties: dict[str, object]) -> dict[str, object]:
+    """An OpenAI tool dict (BFCL's, shortened) whose arguments are all required."""
+    parameters = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+    }
+    function = {"name": name, "description": name, "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+INTEGER = {"type": "integer"}
+SPOTIFY = tool("spotify_play", {"artist": {"type": "string"}, "duration": INTEGER})
+SUM = tool(
+    "math_toolkit_sum_of_multiples",
+    {
+        "lower_limit": INTEGER,
+        "upper_limit": INTEGER,
+        "multiples": {"type": "array", "items": INTEGER},
+    },
+)
+PRODUCT = tool("math_toolkit_product_of_primes", {"count": INTEGER})
+
+
+class Matcher:
+    """An auto-mode (or any) grammar's matcher, fed text piece by piece."""
+
+    def __init__(self, chat: ChatMLX, grammar: str) -> None:
+        from llguidance import LLMatcher
+
+        from langchain_mlx._constraints import ConstraintCompiler
+
+        self.tokenizer = chat.tokenizer
+        compiler = ConstraintCompiler.for_tokenizer(chat.tokenizer)
+        self.matcher = LLMatcher(compiler.lltokenizer, grammar)
+        assert not self.matcher.is_error(), self.matcher.get_error()
+
+    def takes(self, text: str) -> bool:
+        """Whether the grammar accepts `text` next (then it is consumed)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.matcher.validate_tokens(ids) < len(ids):
+            return False
+        assert self.matcher.consume_tokens(ids)
+        return True
+
+    def forced(self) -> str:
+        return str(self.tokenizer.decode(self.matcher.compute_ff_tokens()))
+
+
+def auto_grammar(chat: ChatMLX, tools: list[dict[str, object]]) -> str:
+    from langchain_mlx._tools import format_tools, plan_call
+
+    plan = plan_call(chat.tokenizer, format_tools(tools), None, None, None)
+    assert plan.grammar is not None and plan.grammar_lazy
+    return plan.grammar
+
+
+def call_text(name: str, args: dict[str, object], **dumps: object) -> str:
+    return json.dumps({"name": name, "arguments": args}, **dumps)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "dumps",
+    [
+        {},  # {"name": "f", "arguments": {...}}, as chat templates print calls
+        {"indent": 2},  # as Qwen2.5-Coder writes a call in a ```json fence
+        {"indent": 4},
+        {"separators": (",", ":")},  # minified
+    ],
+    ids=["compact", "indent-2", "indent-4", "minified"],
+)
+def test_auto_mode_takes_a_call_in_the_layout_the_model_writes(
+    chat: ChatMLX, dumps: dict[str, object]
+) -> None:
+    text = call_text(
+        "spotify_play", {"artist": "Taylor Swift", "duration": 20}, **dumps
+    )
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+    assert m.takes(f"Sure.\n```json\n{text}\n```\nDone.")
+    assert m.matcher.is_accepting()
+
+
+def test_auto_mode_allows_the_newline_after_the_last_argument(chat: ChatMLX) -> None:
+    """BFCL parallel_0: after `"duration": 20` the model wants a newline.
+
+    With the newline refused, digits were the only continuation with mass and
+    the number grew until `max_tokens`.
+    """
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+    assert m.takes('```json\n{\n  "name": "spotify_play",\n  "arguments": {\n')
+    assert m.takes('    "artist": "Taylor Swift",\n    "duration": 20')
+    assert m.takes("\n  }\n}")
+    assert m.takes("\n```")
+    assert m.matcher.is_accepting()
+
+
+def test_auto_mode_whitespace_is_bounded(chat: ChatMLX) -> None:
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+    assert m.takes('{\n  "name": "spotify_play",\n  "arguments": {"artist": "A",')
+    assert not m.takes("\n\n\n")  # one newline and an indent, not a run
+    assert not m.takes(" " * 40)
+
+
+def test_auto_mode_holds_several_calls_each_constrained_and_parsed(
+    chat: ChatMLX,
+) -> None:
+    """BFCL parallel_multiple_0: two fenced calls in one auto-mode turn."""
+    from langchain_mlx._output import parse_tool_calls
+    from langchain_mlx.engine.text import TextRouter
+    from langchain_mlx.engine.types import TextRules
+
+    first = call_text(
+        "math_toolkit_sum_of_multiples",
+        {"lower_limit": 1, "upper_limit": 1000, "multiples": [3, 5]},
+        indent=2,
+    )
+    second = call_text("math_toolkit_product_of_primes", {"count": 5}, indent=2)
+    text = f"```json\n{first}\n```\n\n```json\n{second}\n```"
+    grammar = auto_grammar(chat, [SUM, PRODUCT])
+    m = Matcher(chat, grammar)
+    assert m.takes(text)
+    assert m.matcher.is_accepting()
+    # the second call is constrained as the first was
+    m = Matcher(chat, grammar)
+    assert m.takes(f"```json\n{first}\n```\n\n```json\n")
+    assert not m.takes('{\n  "name": "math_toolkit_product_of_prime",')
+    assert m.takes('{\n  "name": "math_toolkit_product_of_primes",\n  "arguments": ')
+    assert not m.takes('{\n    "count": 5.5')
+    # both are calls, routed as tool text and parsed
+    router = TextRouter(TextRules(bare_json_calls=True))
+    pieces = [p for c in text for p in router.push(c)] + router.finish()
+    assert {p.kind for p in pieces} == {"tool"}
+    names = {"math_toolkit_sum_of_multiples", "math_toolkit_product_of_primes"}
+    out = parse_tool_calls("".join(p.text for p in pieces), tool_names=names)
+    assert out.content == "" and out.invalid_tool_calls == []
+    assert [(c["name"], c["args"]) for c in out.tool_calls] == [
+        ("math_toolkit_sum_of_multiples",
+         {"lower_limit": 1, "upper_limit": 1000, "multiples": [3, 5]}),
+        ("math_toolkit_product_of_primes", {"count": 5}),
+    ]  # fmt: skip
+
+
+def test_auto_mode_still_forces_what_a_compact_call_must_say(chat: ChatMLX) -> None:
+    """The layout chat templates print calls in keeps its fast-forward."""
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+    assert m.takes('Sure. {"name": "spotify_pl')
+    assert '", "arguments": {"' in m.forced()
+
+
+def test_a_stuck_integer_ends_within_19_digits(chat: ChatMLX) -> None:
+    """A model that keeps writing digits gets a finished call, not a cut one."""
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+    assert m.takes(
+        '{"name": "spotify_play", "arguments": {"artist": "A", "duration": 2'
+    )
+    assert m.takes("0" * 18)
+    assert not m.takes("0")
+    assert m.takes("}}")
+    assert m.matcher.is_accepting()
+
+
+@pytest.mark.parametrize("where", ["forced call", "structured output"])
+def test_integers_are_bounded_in_every_grammar(chat: ChatMLX, where: str) -> None:
+    from langchain_mlx._constraints import (
+        ToolCallFormat,
+        json_schema_grammar,
+        tool_call_grammar,
+    )
+
+    if where == "forced call":
+        grammar = tool_call_grammar([SPOTIFY], ToolCallFormat(), parallel=False)
+        start = '{"name": "spotify_play", "arguments": {"artist": "A", "duration": '
+    else:
+        params = SPOTIFY["function"]["parameters"]  # type: ignore[index]
+        grammar = json_schema_grammar(params)
+        start = '{"artist": "A", "duration": '
+    for sign in ("", "-"):  # 18 digits, then a 19th would pass 9 * 10**18
+        m = Matcher(chat, grammar)
+        assert m.takes(start + sign + "9" * 18)
+        assert not m.takes("9")
+        assert m.takes("}")
+
+
+def test_integer_bounds_leave_the_schema_its_own() -> None:
+    from langchain_mlx._constraints import INTEGER_LIMIT, bound_integers
+
+    lim = INTEGER_LIMIT
+    assert bound_integers({"type": "integer"}) == {
+        "type": "integer", "minimum": -lim, "maximum": lim,
+    }  # fmt: skip
+    assert bound_integers({"type": "integer", "minimum": 0}) == {
+        "type": "integer", "minimum": 0, "maximum": lim,
+    }  # fmt: skip
+    assert bound_integers({"type": ["integer", "null"], "exclusiveMaximum": 5}) == {
+        "type": ["integer", "null"], "exclusiveMaximum": 5, "minimum": -lim,
+    }  # fmt: skip
+    nested = {"type": "object", "properties": {"n": {"items": {"type": "integer"}}}}
+    assert bound_integers(nested)["properties"]["n"]["items"]["maximum"] == lim
+    for kept in (
+        {"type": "number"},  # any bound would also forbid exponents (1e-05)
+        {"type": ["integer", "number"]},
+        {"type": "integer", "minimum": 1, "maximum": 3},
+        {"type": "integer", "enum": [1, 2]},
+        {"not": {"type": "integer"}},  # a bound inside `not` would widen it
+    ):
+        assert bound_integers(kept) == kept
+
+
+def test_a_grammar_is_compiled_once_and_each_processor_starts_fresh(
+    chat: ChatMLX,
+) -> None:
+    from langchain_mlx._constraints import (
+        ConstraintCompiler,
+        ToolCallFormat,
+        tool_call_grammar,
+    )
+
+    compiler = ConstraintCompiler.for_tokenizer(chat.tokenizer)
+    grammar = tool_call_grammar([SPOTIFY], ToolCallFormat(), parallel=False)
+    call = call_text("spotify_play", {"artist": "A", "duration": 1})
+    ids = chat.tokenizer.encode(call, add_special_tokens=False)
+    first = compiler.processor(grammar, "a call")
+    first.sync([0])
+    first.sync([0, *ids])
+    assert first.is_accepting and first.valid_prefix(ids[:1]) == 0  # one call only
+    second = compiler.processor(grammar, "a call")
+    assert second._matcher is not first._matcher
+    assert second.valid_prefix(ids) == len(ids)  # not the first one's state
+    assert list(compiler._compiled).count(grammar) == 1
