@@ -201,6 +201,16 @@ def kv_bytes_per_token(model: Any) -> int:
     return int(2 * layers * kv_heads * head_dim * itemsize)  # keys + values
 
 
+def weight_bytes(model: Any) -> int | None:
+    """Bytes of the model's weights (what a decode step reads), or None if unknown."""
+    from mlx.utils import tree_flatten
+
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None
+    return sum(a.nbytes for _, a in tree_flatten(parameters())) or None
+
+
 def _language_config(args: Any) -> Mapping[str, Any]:
     """The language model's settings: the arguments, or their text sub-config."""
     fields = _fields(args) or {}

@@ -59,6 +59,7 @@ from langchain_mlx.engine.model_facts import (
     kv_bytes_per_token,
     output_head,
     undo_room,
+    weight_bytes,
 )
 from langchain_mlx.engine.prefix_cache import (
     PrefixCache,
@@ -585,7 +586,9 @@ class Scheduler:
         if self.draft_model is None:
             return None
         if self._draft is None or self._draft.model is not self.draft_model:
-            self._draft = DraftModel(self.draft_model)
+            ours, its = weight_bytes(self._model), weight_bytes(self.draft_model)
+            size = its / ours if ours and its else 1.0
+            self._draft = DraftModel(self.draft_model, self._costs, size=size)
         return self._draft
 
     def _output_head(self) -> Any:

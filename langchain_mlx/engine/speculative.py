@@ -35,7 +35,12 @@ time for each number of fed tokens (`StepCosts`, per engine: on a CPU a
 forward pass over 4 tokens costs twice one over 1; on a GPU nearly the same)
 and the request's recent acceptance rate. The draft length that maximises
 expected tokens per second wins, and 0 (no draft) when drafts do not pay, so
-text that copies nothing is decoded as before. Where no draft could follow the
+text that copies nothing is decoded as before. A draft model's own passes are
+costs too: it is called only where its drafts pay counting them and what it
+must first catch up on (`DraftModel.length`), before it has ever run from the
+target's measured passes (prefill chunks included) scaled by its size. On a
+CPU, where verifying k drafted tokens costs about k/3 more steps, a 0.5B model
+drafting for a 1.5B one does not pay, and is not called. Where no draft could follow the
 next token whatever it is (and no grammar needs its value), the step after it
 is launched on its lazy array before it is read, as mlx-lm's decode loop does.
 
@@ -178,8 +183,11 @@ class Solo:
         ]
         n = min([n, *ahead])  # stop at a checkpoint: the scheduler keeps a copy
         chunk = self.rest[:n]
+        tic = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=self.cache)
         mx.eval([c.state for c in self.cache])
+        # what verifying a draft would cost, known before any draft is made
+        self._costs.record("", len(chunk), time.perf_counter() - tic)
         self.tokens += chunk
         del self.rest[: len(chunk)]
         done = self.total - len(self.rest)
@@ -273,18 +281,22 @@ class Solo:
         That is, one token fed and no draft worth verifying. Then it is launched
         at once on that token's lazy array, as mlx-lm's decode loop does, so the
         model never waits for Python between steps. Not with a grammar (its mask
-        needs the token's value), a draft model, or a prompt-lookup draft that
-        could be worth verifying after it.
+        needs the token's value), a draft model's draft or a prompt-lookup draft that
+        could be worth verifying after it (a draft model that does not pay
+        does not stop it).
         """
         if (
             not self._pipelined
             or self._grammar is not None
-            or self._draft_model is not None
             or self.remaining < 2  # the launched step's token may be the last
             or not self._can_undo(1)
         ):
             return False
         room = min(self._max_draft, self.remaining - 2)
+        if self._draft_model is not None and self._draft_model.length(
+            self.history, 0, room, self._acceptance(), self.remaining
+        ):
+            return False
         if self._lookup is None or room <= 0:
             return True
         if not self._lookup.may_match(self.history):
@@ -391,11 +403,10 @@ class Solo:
         cut_back(self.cache, rejected)
         self.tokens += fed[: len(fed) - rejected]
         self._learn(len(draft), accepted)
-        if not (
-            source == "model" and self._draft_model and self._draft_model.caught_up > 8
-        ):
-            # (a draft model reading a whole new prompt is not a step's usual cost)
-            self._costs.record(source, len(fed), time.perf_counter() - tic)
+        seconds = time.perf_counter() - tic
+        if source == "model" and self._draft_model is not None:
+            seconds -= self._draft_model.seconds  # (recorded as its own passes)
+        self._costs.record(source, len(fed), seconds)
         self.stats.forced += len(forced)
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
@@ -442,10 +453,9 @@ class Solo:
         if self._lookup is not None:
             draft, source = self._lookup.draft(history, room), "lookup"
         if not draft and self._draft_model is not None:
-            source = "model"
-            p = self._acceptance()
-            k = self._costs.best_draft(source, len(forced), room, p)
-            k = k or (1 if self._costs.estimate(source, 2 + len(forced)) is None else 0)
+            # called only where its drafts pay, its own passes counted
+            source, p = "model", self._acceptance()
+            k = self._draft_model.length(history, len(forced), room, p, self.remaining)
             draft = self._draft_model.draft(history, k)
         if draft and self._grammar is not None:
             self._grammar.sync(history)

@@ -130,7 +130,8 @@ def test_forced_tool_call_fast_forward_is_unchanged(chat: ChatMLX) -> None:
 
 
 def test_draft_model_greedy_output_is_unchanged(tiny_model_path: str) -> None:
-    # The tiny model drafting for itself: drafts the target would pick anyway.
+    # The tiny model drafting for itself: as big as the target, its drafts
+    # cannot pay, so it is not called (drafts that are: test_draft_model_*)
     chat = ChatMLX(
         model=tiny_model_path,
         temperature=0.0,
@@ -141,8 +142,9 @@ def test_draft_model_greedy_output_is_unchanged(tiny_model_path: str) -> None:
     fast = chat.invoke("Tell me a story.")
     plain = chat.invoke("Tell me a story.", num_draft_tokens=0)
     assert fast.content == plain.content
-    _, drafted, accepted = counters(fast)
-    assert drafted > 0 and accepted > 0
+    assert counters(fast) == (0, 0, 0)
+    scheduler = chat.llm.engine._scheduler  # type: ignore[union-attr]
+    assert scheduler._draft is not None and scheduler._draft.size == 1.0
 
 
 def test_another_draft_model_for_a_running_engine_is_refused(
@@ -395,7 +397,13 @@ def test_a_grammar_that_ends_ends_the_answer_without_another_pass(
 
 
 def decode_alone(
-    model: Any, prompt: list[int], *, stop: int | None, lookup: bool
+    model: Any,
+    prompt: list[int],
+    *,
+    stop: int | None,
+    lookup: bool,
+    draft_model: Any = None,
+    costs: Any = None,
 ) -> tuple[list[int], Any, Any]:
     """Drive a `Solo` to its end: its tokens, its last record, the Solo."""
     from mlx_lm.generate import StopSequences
@@ -410,8 +418,9 @@ def decode_alone(
         max_tokens=24, sampler=greedy_sampler, processors=[],
         stop_sequences=StopSequences([] if stop is None else [(stop,)]),
         constraint=None, checkpoints=[], fast_forward=True, lookup=lookup,
-        num_draft_tokens=4, draft_model=None, logprobs=False,
-        costs=StepCosts(measured=False),  # decisions that no clock changes
+        num_draft_tokens=4, draft_model=draft_model, logprobs=False,
+        # decisions that no clock changes
+        costs=StepCosts(measured=False) if costs is None else costs,
     )  # fmt: skip
     tokens: list[int] = []
     while True:
@@ -443,3 +452,105 @@ def test_chained_steps_decode_as_plain_decoding(tiny_model_path: str) -> None:
     assert solo.chained_steps >= at - 2
     # the cache handed on holds exactly the tokens said (the stop token unfed)
     assert last.prompt_cache[0].offset == len(last.all_tokens) == len(prompt) + at
+
+
+# -- a draft model is called only where its drafts pay --------------------------
+
+
+class Spy:
+    """A draft model that counts the tokens it reads."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self.layers = inner, inner.layers
+        self.read = 0
+
+    def __call__(self, x: Any, cache: Any = None) -> Any:
+        self.read += x.shape[1]
+        return self._inner(x, cache=cache)
+
+
+def recorded(seconds: dict[tuple[str, int], float]) -> Any:
+    """Measured step costs, then no more measuring (the test's clock decides nothing)."""
+    from langchain_mlx.engine.drafts import StepCosts
+
+    costs = StepCosts()
+    for (source, n), s in seconds.items():
+        costs.record(source, n, s)
+    costs.record = lambda source, n, seconds: None  # type: ignore[method-assign]
+    return costs
+
+
+# a CPU: a pass costs a third more per token it feeds (a prefill chunk of 16
+# measured it); a GPU: 16 tokens cost about what one does
+CPU = {("", 1): 1.2, ("", 16): 1.2 * (1 + 15 / 3)}
+GPU = {("", 1): 0.010, ("", 16): 0.012}
+SIZE = 0.32  # 0.5B drafting for 1.5B: its bytes over the target's
+
+
+def test_draft_model_decides_from_costs_before_it_runs(tiny_model_path: str) -> None:
+    from mlx_lm import load
+
+    from langchain_mlx.engine.drafts import PAYBACK, DraftModel
+
+    model, _ = load(tiny_model_path)
+    history = list(range(100, 140))
+    p = 2 / 3  # the prior acceptance
+    cpu = DraftModel(Spy(model), recorded(CPU), size=SIZE)
+    assert cpu.length(history, 0, 6, p, 100) == 0
+    gpu = DraftModel(Spy(model), recorded(GPU), size=SIZE)
+    assert gpu.length(history, 0, 6, p, 100) > 0  # reading 40 tokens first pays
+    assert gpu.length(history, 0, 6, 0.05, 100) == 0  # drafts that miss do not
+    # a long conversation it has not read: its catch-up must pay within the
+    # tokens left (at most PAYBACK)
+    long = list(range(100, 5100))
+    assert gpu.length(long, 0, 6, p, 8) == 0
+    assert gpu.length(long, 0, 6, p, 10**6) == gpu.length(long, 0, 6, p, PAYBACK)
+    # measured: a draft model that takes most of a target step per token
+    slow = DraftModel(Spy(model), recorded({**GPU, ("drafter", 1): 0.008}), size=SIZE)
+    assert slow.length(history[:2], 0, 6, 0.9, 100) == 0
+
+
+def test_a_draft_model_that_does_not_pay_is_never_called(tiny_model_path: str) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from langchain_mlx.engine.drafts import DraftModel
+
+    model, tokenizer = load(tiny_model_path)
+    prompt = tokenizer.encode("Plain words, nothing to copy from here")
+    steps = generate_step(mx.array(prompt), model, max_tokens=24)
+    reference = [int(t) for t, _ in steps]
+    spy = Spy(model)
+    costs = recorded(CPU)
+    drafter = DraftModel(spy, costs, size=SIZE)
+    tokens, _, solo = decode_alone(
+        model, prompt, stop=None, lookup=False, draft_model=drafter, costs=costs
+    )
+    assert tokens == reference
+    assert spy.read == 0  # no draft, and no catch-up on the prompt either
+    assert solo.stats.drafted == 0
+    assert solo.chained_steps > 0  # plain steps launched early, as with no draft
+
+
+def test_draft_model_drafts_where_they_pay_and_output_is_unchanged(
+    tiny_model_path: str,
+) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from langchain_mlx.engine.drafts import DraftModel, StepCosts
+
+    model, tokenizer = load(tiny_model_path)
+    prompt = tokenizer.encode("Tell me a story.")
+    steps = generate_step(mx.array(prompt), model, max_tokens=24)
+    reference = [int(t) for t, _ in steps]
+    costs = StepCosts(measured=False, extra=0.0)  # a GPU's, fixed
+    spy = Spy(model)  # drafting for itself: every draft is accepted
+    drafter = DraftModel(spy, costs, size=0.05)
+    tokens, _, solo = decode_alone(
+        model, prompt, stop=None, lookup=False, draft_model=drafter, costs=costs
+    )
+    assert tokens == reference
+    assert spy.read > 0 and solo.stats.accepted > 0
