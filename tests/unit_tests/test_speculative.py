@@ -20,6 +20,7 @@ from langchain_mlx import ChatMLX
 from langchain_mlx._settings import GenerationSettings
 from langchain_mlx.engine.engine import Engine
 from langchain_mlx.engine.types import EngineOptions, Final, Request, Segment
+from tests.costs import fixed_costs
 
 OFF: dict[str, Any] = {
     "fast_forward": False,
@@ -41,7 +42,8 @@ def counters(message: Any) -> tuple[int, int, int]:
 def test_prompt_lookup_greedy_output_is_unchanged(chat: ChatMLX) -> None:
     prompt = "Repeat: the cat sat on the mat, the cat sat on the mat, the cat sat."
     plain = chat.invoke(prompt, **OFF)
-    fast = chat.invoke(prompt)
+    with fixed_costs(chat.llm.engine):  # drafts decided the same whatever the load
+        fast = chat.invoke(prompt)
     assert fast.content == plain.content
     assert counters(plain) == (0, 0, 0)
     forced, drafted, accepted = counters(fast)
@@ -130,8 +132,11 @@ def test_forced_tool_call_fast_forward_is_unchanged(chat: ChatMLX) -> None:
 
 
 def test_draft_model_greedy_output_is_unchanged(tiny_model_path: str) -> None:
-    # The tiny model drafting for itself: as big as the target, its drafts
-    # cannot pay, so it is not called (drafts that are: test_draft_model_*)
+    # The tiny model drafting for itself. Whether its drafts pay is decided
+    # from measured step times (noise on a loaded machine), so only what holds
+    # either way is asserted here; the decision itself is driven with recorded
+    # costs in test_a_draft_model_that_does_not_pay_is_never_called and
+    # test_draft_model_drafts_where_they_pay_and_output_is_unchanged.
     chat = ChatMLX(
         model=tiny_model_path,
         temperature=0.0,
@@ -142,7 +147,8 @@ def test_draft_model_greedy_output_is_unchanged(tiny_model_path: str) -> None:
     fast = chat.invoke("Tell me a story.")
     plain = chat.invoke("Tell me a story.", num_draft_tokens=0)
     assert fast.content == plain.content
-    assert counters(fast) == (0, 0, 0)
+    forced, drafted, accepted = counters(fast)
+    assert forced == 0 and accepted <= drafted
     scheduler = chat.llm.engine._scheduler  # type: ignore[union-attr]
     assert scheduler._draft is not None and scheduler._draft.size == 1.0
 
