@@ -128,8 +128,14 @@ def classify(
     category: str, case: dict[str, Any], reply: Any, result: dict[str, Any]
 ) -> str:
     """What kind of miss a wrong reply is."""
+    made_up = reply.invalid_tool_calls and all(
+        str(c.get("error", "")).startswith("unknown tool")
+        for c in reply.invalid_tool_calls
+    )  # a function no tool has: parsed as an invalid call, never run
     if category == "irrelevance":
-        return "call where none relevant"
+        return "made-up function (not run)" if made_up else "call where none relevant"
+    if made_up and not reply.tool_calls:
+        return "wrong function"
     if reply.invalid_tool_calls:
         return "malformed call"
     if not reply.tool_calls:

@@ -52,6 +52,12 @@ ranges in 64-bit integers, so a bound must stay below 2**63. Numbers are not
 bounded: any bound on a JSON number also forbids exponents such as 1e-05.)"""
 
 
+UNKNOWN_NAME = r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}"
+"""A function name an auto-mode call may give that no bound tool has (its
+JSON string body: identifier-like, at most 64 characters, as OpenAI allows)."""
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
 class UnsupportedSchemaError(ValueError):
     """The schema (or tool) uses something the grammar compiler cannot enforce."""
 
@@ -239,6 +245,14 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     templates print calls) is compact, so what lies between values is forced;
     any other spacing (Qwen2.5-Coder's ```json fence: `{\n  "name": "`) lets
     the rest be spaced as the model likes (`JSON_WHITESPACE`, bounded).
+
+    A bare call may name a function that is not bound (`UNKNOWN_NAME`: not a
+    bound name, nor the start of one, so a near-miss is still completed to the
+    tool it begins), with any JSON object as arguments. It is parsed as an
+    invalid tool call ("unknown tool"), never run. Without this branch the
+    grammar turned a call the model made up into a call of a bound tool with
+    invented arguments (BFCL irrelevance_0 on Qwen2.5-Coder-1.5B: the model's
+    `calculate_area_of_triangle` became `determine_body_mass_index`).
     """
     compact = r'\{"name": "'
     bare = r'\{\s*"name"\s*:\s*"'  # as the model spaces it
@@ -264,23 +278,44 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
         rules.append(f"spaced{i}: /{head}/ spaced_args{i} /{ws}\\}}/")
         args = json.dumps(_with_options(params, SPACED_JSON))
         rules.append(f"spaced_args{i}: %json {args}")
+    known = sorted({json.dumps(fn)[1:-1] for fn in _names(tools)})
+    starts = sorted({name[:k] for name in known for k in range(len(name) + 1)})
+    not_ours = f'~/(?:{"|".join(map(re.escape, starts))})"(?s:.*)/'
+    rules.append(f'COMPACT_UNKNOWN: /{UNKNOWN_NAME}"/ & {not_ours}')
+    rules.append(
+        'compact_unknown: COMPACT_UNKNOWN ", \\"arguments\\": " compact_any "}"'
+    )
+    compact_any = _with_options(ANY_OBJECT, COMPACT_JSON)
+    rules.append(f"compact_any: %json {json.dumps(compact_any)}")
+    rules.append(
+        f'SPACED_UNKNOWN: /{UNKNOWN_NAME}"{ws},{ws}"arguments"{ws}:{ws}/ & {not_ours}'
+    )
+    rules.append(f"spaced_unknown: SPACED_UNKNOWN spaced_any /{ws}\\}}/")
+    spaced_any = _with_options(ANY_OBJECT, SPACED_JSON)
+    rules.append(f"spaced_any: %json {json.dumps(spaced_any)}")
     calls = ["compact_hd compact_call", "spaced_hd spaced_call"]
-    rules.append(f"compact_call: {' | '.join(compact_rests)}")
-    rules.append(f"spaced_call: {' | '.join(spaced_rests)}")
+    rules.append(f"compact_call: {' | '.join([*compact_rests, 'compact_unknown'])}")
+    rules.append(f"spaced_call: {' | '.join([*spaced_rests, 'spaced_unknown'])}")
     if fmt.tagged:
         start = fmt.start_lark or json.dumps(fmt.start)
         end = fmt.end_lark or json.dumps(fmt.end)
         if fmt.start_lark is None:  # a text marker: it must not hide in text
-            triggers.append(re.escape(str(fmt.start)))
-        calls.append(f"TEXT {start} json_call {end}")
+            # (re.escape leaves a newline as is: inside /.../ it must be \n)
+            triggers.append(re.escape(str(fmt.start)).replace("\n", "n"))
+        calls.append(f"TEXT {start} (json_call | unknown_call) {end}")
         schema = json.dumps(_with_options(tool_call_schema(tools)))
         rules.append(f"json_call: %json {schema}")
+        rules.append(f"unknown_call: /{bare}/ spaced_unknown")
     banned = "|".join(triggers)
     return (
         f"start: call* TEXT\ncall: {' | '.join(calls)}\n"
         + "\n".join(rules)
         + f"\nTEXT: /(?s:.*)/ & ~/(?s:.*)({banned})(?s:.*)/\n"
     )
+
+
+def _names(tools: Sequence[dict[str, Any]]) -> list[str]:
+    return [str(tool["function"]["name"]) for tool in tools]
 
 
 def _parameters(fn: dict[str, Any]) -> dict[str, Any]:

@@ -393,11 +393,61 @@ def test_auto_mode_holds_several_calls_each_constrained_and_parsed(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("dumps", [{}, {"indent": 2}], ids=["compact", "indent-2"])
+def test_auto_mode_leaves_a_made_up_function_unknown_not_a_bound_tool(
+    chat: ChatMLX, dumps: dict[str, object]
+) -> None:
+    """BFCL irrelevance_0 on the 1.5B: the model calls a function it made up.
+
+    The grammar used to force the name of the one bound tool, turning the
+    made-up call into a real one with invented arguments. Now the call keeps
+    its name and is parsed as an invalid call that is never run.
+    """
+    from langchain_mlx._output import parse_tool_calls
+
+    text = call_text("calculate_area_of_triangle", {"base": 10, "height": 5.5}, **dumps)
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY, PRODUCT]))
+    assert m.takes(f"```json\n{text}\n```")
+    assert m.matcher.is_accepting()
+    names = {"spotify_play", "math_toolkit_product_of_primes"}
+    out = parse_tool_calls(text, tool_names=names)
+    assert out.tool_calls == []
+    assert [c["name"] for c in out.invalid_tool_calls] == ["calculate_area_of_triangle"]
+    assert "unknown tool" in str(out.invalid_tool_calls[0]["error"])
+
+
+def test_a_made_up_function_in_call_tags_stays_unknown(chat: ChatMLX) -> None:
+    """The same inside a family's call markers (`<tool_call>`...`</tool_call>`)."""
+    from langchain_mlx._constraints import ToolCallFormat, auto_call_grammar
+
+    fmt = ToolCallFormat(start="<tool_call>\n", end="\n</tool_call>")
+    grammar = auto_call_grammar([SPOTIFY], fmt)
+    made_up = call_text("calculate_area", {"base": 10})
+    m = Matcher(chat, grammar)
+    assert m.takes(f"<tool_call>\n{made_up}\n</tool_call>")
+    assert m.matcher.is_accepting()
+    m = Matcher(chat, grammar)  # a bound tool's call still follows its schema
+    assert m.takes('<tool_call>\n{"name": "spotify_play", "arguments": {"')
+    assert not m.takes('volume": 3')
+
+
+def test_auto_mode_completes_the_start_of_a_bound_name(chat: ChatMLX) -> None:
+    """A name cut short is the start of a bound tool's: it must go on."""
+    for layout in ('{"name": "spotify', '{\n  "name": "spotify'):
+        m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
+        assert m.takes(layout)
+        assert not m.takes('", ')
+        assert m.takes('_play", ')
+    m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))  # a bound name: its schema
+    assert m.takes('{"name": "spotify_play", "arguments": {"')
+    assert not m.takes('volume": 3')
+
+
 def test_auto_mode_still_forces_what_a_compact_call_must_say(chat: ChatMLX) -> None:
     """The layout chat templates print calls in keeps its fast-forward."""
     m = Matcher(chat, auto_grammar(chat, [SPOTIFY]))
-    assert m.takes('Sure. {"name": "spotify_pl')
-    assert '", "arguments": {"' in m.forced()
+    assert m.takes('Sure. {"name": "spotify_play"')  # (a longer name: not ours)
+    assert ', "arguments": {"' in m.forced()
 
 
 def test_a_stuck_integer_ends_within_19_digits(chat: ChatMLX) -> None:

@@ -286,15 +286,17 @@ def test_auto_grammar_accepts_text_and_valid_calls_only(engine: Engine) -> None:
     assert accepts('Just text, even {braces} and JSON {"a": 1}.')
     assert accepts('Sure. {"name": "get_time", "arguments": {"timezone": "UTC"}}')
     assert accepts('{"name": "get_weather", "arguments": {"city": "Paris"}} then text')
-    assert not accepts('{"name": "get_stock", "arguments": {}}')  # unknown tool
+    # a function no tool has keeps its name (parsed as an invalid call, not run)
+    assert accepts('{"name": "get_stock", "arguments": {}}')
 
     def rejects(output: str) -> bool:  # stops before the end, not just incomplete
         matcher = LLMatcher(compiler.lltokenizer, text)
         ids = tokenizer.encode(output, add_special_tokens=False)
         return matcher.try_consume_tokens(ids) < len(ids)
 
-    assert rejects('{\n  "name": "get_stock",\n  "arguments": {}\n}')  # spaced
-    assert rejects('```json\n{ "name" : "get_stock"')  # in a fence
+    assert not rejects('{\n  "name": "get_stock",\n  "arguments": {}\n}')  # spaced
+    assert rejects('```json\n{ "name" : "get_ti", ')  # the start of a bound name
+    assert rejects('{"name": "get_stock", "arguments": [1]}')  # arguments: an object
     assert not rejects('{\n  "name": "get_time", "arguments": {"timezone": "UTC"}}')
     assert not accepts('{"name": "get_time", "arguments": {"tz": "UTC"}}')  # key
     assert not accepts('{"name": "get_time", "arguments": {"timezone": 3}}')  # type
@@ -302,26 +304,35 @@ def test_auto_grammar_accepts_text_and_valid_calls_only(engine: Engine) -> None:
 
 
 def test_auto_calls_are_valid_whatever_the_model_writes(engine: Engine) -> None:
-    """A random-weight model pushed into starting a call always finishes it validly."""
+    """A random-weight model pushed into starting a call always finishes it validly.
+
+    Pushed through a bound tool's name, its arguments follow that tool's
+    schema; left to pick the name, random text makes one up, and the call is
+    still complete JSON, parsed as an "unknown tool" call (never run).
+    """
     import json
 
     import mlx.core as mx
 
+    from langchain_mlx._output import parse_tool_calls
+
     tokenizer = engine.tokenizer
-    trigger = tokenizer.encode('{"name": "', add_special_tokens=False)
     (quote,) = tokenizer.encode('"', add_special_tokens=False)
     prompt = tokenizer.encode("Use a tool.")
+    fields = {"get_weather": {"city", "unit"}, "get_time": {"timezone"}}
 
-    def start_a_call(tokens: Any, logits: Any) -> Any:
-        at = int(tokens.shape[-1]) - len(prompt)
-        ids = mx.arange(logits.shape[-1])
-        if at < len(trigger):  # the model "chooses" to start a call
-            return logits + 100.0 * (ids == trigger[at])
-        if at > len(trigger) + 6:  # and to end its strings (random text does not)
-            return logits + 30.0 * (ids == quote)
-        return logits
+    for seed, opening in enumerate(['{"name": "get_time"', '{"name": "'] * 2):
+        forced = tokenizer.encode(opening, add_special_tokens=False)
 
-    for seed in range(4):
+        def start_a_call(tokens: Any, logits: Any, forced: list[int] = forced) -> Any:
+            at = int(tokens.shape[-1]) - len(prompt)
+            ids = mx.arange(logits.shape[-1])
+            if at < len(forced):  # the model "chooses" to start a call
+                return logits + 100.0 * (ids == forced[at])
+            if at > len(forced) + 6:  # and to end its strings (random text does not)
+                return logits + 30.0 * (ids == quote)
+            return logits
+
         constraint = auto_constraint(tokenizer)
         settings = GenerationSettings(max_tokens=120, temperature=1.0, seed=seed)
         request = Request(
@@ -329,11 +340,22 @@ def test_auto_calls_are_valid_whatever_the_model_writes(engine: Engine) -> None:
         )
         text = "".join(e.text for e in engine.submit(request) if isinstance(e, Segment))
         call, end = json.JSONDecoder().raw_decode(text)
-        assert call["name"] in ("get_weather", "get_time"), text
-        fields = {"get_weather": {"city", "unit"}, "get_time": {"timezone"}}
-        assert set(call["arguments"]) <= fields[call["name"]], text
-        assert all(isinstance(v, str) for v in call["arguments"].values())
         assert end <= len(text)
+        assert isinstance(call["arguments"], dict), text
+        parsed = parse_tool_calls(text[:end], tool_names=set(fields))
+        if opening.endswith('get_time"'):
+            assert call["name"] == "get_time", text
+            assert set(call["arguments"]) <= fields["get_time"], text
+            assert all(isinstance(v, str) for v in call["arguments"].values())
+            assert [c["name"] for c in parsed.tool_calls] == ["get_time"]
+        elif call["name"] in fields:
+            assert set(call["arguments"]) <= fields[call["name"]], text
+            assert [c["name"] for c in parsed.tool_calls] == [call["name"]]
+        else:
+            assert not any(n.startswith(call["name"]) for n in fields), text
+            assert parsed.tool_calls == []
+            (invalid,) = parsed.invalid_tool_calls
+            assert str(invalid["error"]).startswith("unknown tool"), text
 
 
 def test_bind_tools_auto_is_constrained_unless_not_strict(chat: ChatMLX) -> None:
