@@ -5,7 +5,8 @@ Two small labelled sets written for this project (not published elsewhere):
 - support: 40 customer messages, each labelled urgent or not and with the team
   that should handle it (engineering, billing, marketing). The decision model
   asks a `Noul` (urgent?) and a `Choice` (team) about the same state, together;
-  the baseline asks for both fields in one schema.
+  the baseline asks for both fields in one schema, with the same words
+  (instructions and criteria).
 - tool calls: 40 proposed tool calls with the user's request, labelled risky or
   safe under `AutoModeMiddleware`'s default instructions and criteria; the
   state is the one AutoMode builds (messages, tool_call, tool_description). The
@@ -630,7 +631,14 @@ def run_model(model: str, n: int, seed: int) -> dict[str, Any]:
     risk_baseline = chat.with_structured_output(RiskLabel)
     support = subsample(SUPPORT, lambda s: (s[1], s[2]), n, seed)
     tools = subsample(TOOL_CALLS, lambda t: t[4], n, seed)
-    support_words = "Does this message need an urgent response, and which team should handle it (engineering, billing or marketing)?"
+    # the decision questions' own words (instructions and criteria), as JSON fields
+    assert URGENT.criteria is not None
+    teams = "\n".join(f"- {k}: {v}" for k, v in TEAM.criteria.items())
+    support_words = (
+        f"{URGENT.instructions}\nurgent=true if: {URGENT.criteria.true}\n"
+        f"urgent=false if: {URGENT.criteria.false}\n"
+        f"{TEAM.instructions} (team)\n{teams}"
+    )
     # warm up: the shared system turn in the prefix cache for both methods
     judge.invoke({"state": "warm up", "questions": {"u": URGENT}})
     support_baseline.invoke(baseline_prompt(support_words, "warm up"))
