@@ -246,9 +246,9 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     any other spacing (Qwen2.5-Coder's ```json fence: `{\n  "name": "`) lets
     the rest be spaced as the model likes (`JSON_WHITESPACE`, bounded).
 
-    A bare call may name a function that is not bound (`UNKNOWN_NAME`: not a
-    bound name, nor the start of one, so a near-miss is still completed to the
-    tool it begins), with any JSON object as arguments. It is parsed as an
+    A call, bare or in the family's markers, may name a function that is not
+    bound (`UNKNOWN_NAME`: not a bound name, nor the start of one, so a name
+    cut short is still completed), with any JSON object as arguments. It is parsed as an
     invalid tool call ("unknown tool"), never run. Without this branch the
     grammar turned a call the model made up into a call of a bound tool with
     invented arguments (BFCL irrelevance_0 on Qwen2.5-Coder-1.5B: the model's
