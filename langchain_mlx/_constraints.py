@@ -246,7 +246,7 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     any other spacing (Qwen2.5-Coder's ```json fence: `{\n  "name": "`) lets
     the rest be spaced as the model likes (`JSON_WHITESPACE`, bounded).
 
-    A call, bare or in the family's markers, may name a function that is not
+    A bare call (not one in the family's markers) may name a function that is not
     bound (`UNKNOWN_NAME`: not a bound name, nor the start of one, so a name
     cut short is still completed), with any JSON object as arguments. It is parsed as an
     invalid tool call ("unknown tool"), never run. Without this branch the
@@ -302,10 +302,11 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
         if fmt.start_lark is None:  # a text marker: it must not hide in text
             # (re.escape leaves a newline as is: inside /.../ it must be \n)
             triggers.append(re.escape(str(fmt.start)).replace("\n", "n"))
-        calls.append(f"TEXT {start} (json_call | unknown_call) {end}")
+        # (inside markers a call names a bound tool: an unknown-name branch
+        # there made the lexer drop `json_call`, refusing every bound call)
+        calls.append(f"TEXT {start} json_call {end}")
         schema = json.dumps(_with_options(tool_call_schema(tools)))
         rules.append(f"json_call: %json {schema}")
-        rules.append(f"unknown_call: /{bare}/ spaced_unknown")
     banned = "|".join(triggers)
     return (
         f"start: call* TEXT\ncall: {' | '.join(calls)}\n"

@@ -416,19 +416,29 @@ def test_auto_mode_leaves_a_made_up_function_unknown_not_a_bound_tool(
     assert "unknown tool" in str(out.invalid_tool_calls[0]["error"])
 
 
-def test_a_made_up_function_in_call_tags_stays_unknown(chat: ChatMLX) -> None:
-    """The same inside a family's call markers (`<tool_call>`...`</tool_call>`)."""
+def test_a_bound_call_inside_added_token_markers_is_taken(chat: ChatMLX) -> None:
+    """Qwen's `<tool_call>` is one added token: a bound call inside it must pass.
+
+    (An unknown-name branch inside the markers once refused every bound call
+    there; a text marker with a newline once failed to compile.)
+    """
     from langchain_mlx._constraints import ToolCallFormat, auto_call_grammar
 
-    fmt = ToolCallFormat(start="<tool_call>\n", end="\n</tool_call>")
-    grammar = auto_call_grammar([SPOTIFY], fmt)
-    made_up = call_text("calculate_area", {"base": 10})
-    m = Matcher(chat, grammar)
-    assert m.takes(f"<tool_call>\n{made_up}\n</tool_call>")
-    assert m.matcher.is_accepting()
-    m = Matcher(chat, grammar)  # a bound tool's call still follows its schema
-    assert m.takes('<tool_call>\n{"name": "spotify_play", "arguments": {"')
-    assert not m.takes('volume": 3')
+    tok = chat.tokenizer
+    (open_id,) = tok.encode("<|im_start|>", add_special_tokens=False)
+    (close_id,) = tok.encode("<file_sep>", add_special_tokens=False)
+    marked = ToolCallFormat(
+        start="<|im_start|>\n",
+        end="\n<file_sep>",
+        start_lark=f'<[{open_id}]> "\\n"',
+        end_lark=f'"\\n" <[{close_id}]>',
+    )
+    text_marked = ToolCallFormat(start="<tool_call>\n", end="\n</tool_call>")
+    bound = call_text("spotify_play", {"artist": "A", "duration": 3})
+    for fmt in (marked, text_marked):
+        m = Matcher(chat, auto_call_grammar([SPOTIFY], fmt))
+        assert m.takes(f"{fmt.start}{bound}{fmt.end}")
+        assert m.matcher.is_accepting()
 
 
 def test_auto_mode_completes_the_start_of_a_bound_name(chat: ChatMLX) -> None:
