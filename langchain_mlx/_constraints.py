@@ -246,13 +246,14 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
     any other spacing (Qwen2.5-Coder's ```json fence: `{\n  "name": "`) lets
     the rest be spaced as the model likes (`JSON_WHITESPACE`, bounded).
 
-    A bare call (not one in the family's markers) may name a function that is not
-    bound (`UNKNOWN_NAME`: not a bound name, nor the start of one, so a name
-    cut short is still completed), with any JSON object as arguments. It is parsed as an
-    invalid tool call ("unknown tool"), never run. Without this branch the
-    grammar turned a call the model made up into a call of a bound tool with
-    invented arguments (BFCL irrelevance_0 on Qwen2.5-Coder-1.5B: the model's
-    `calculate_area_of_triangle` became `determine_body_mass_index`).
+    A bare call (not one in the family's markers) may name a function that
+    is not bound (`UNKNOWN_NAME`: not a bound name, nor the start of one, so
+    a name cut short is still completed), with any JSON object as arguments.
+    It is parsed as an invalid tool call ("unknown tool"), never run. Without
+    this branch the grammar turned a call the model made up into a call of a
+    bound tool with invented arguments (BFCL irrelevance_0 on
+    Qwen2.5-Coder-1.5B: the model's `calculate_area_of_triangle` became
+    `determine_body_mass_index`).
     """
     compact = r'\{"name": "'
     bare = r'\{\s*"name"\s*:\s*"'  # as the model spaces it
@@ -278,7 +279,7 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
         rules.append(f"spaced{i}: /{head}/ spaced_args{i} /{ws}\\}}/")
         args = json.dumps(_with_options(params, SPACED_JSON))
         rules.append(f"spaced_args{i}: %json {args}")
-    known = sorted({json.dumps(fn)[1:-1] for fn in _names(tools)})
+    known = [json.dumps(tool["function"]["name"])[1:-1] for tool in tools]
     starts = sorted({name[:k] for name in known for k in range(len(name) + 1)})
     not_ours = f'~/(?:{"|".join(map(re.escape, starts))})"(?s:.*)/'
     rules.append(f'COMPACT_UNKNOWN: /{UNKNOWN_NAME}"/ & {not_ours}')
@@ -313,10 +314,6 @@ def auto_call_grammar(tools: Sequence[dict[str, Any]], fmt: ToolCallFormat) -> s
         + "\n".join(rules)
         + f"\nTEXT: /(?s:.*)/ & ~/(?s:.*)({banned})(?s:.*)/\n"
     )
-
-
-def _names(tools: Sequence[dict[str, Any]]) -> list[str]:
-    return [str(tool["function"]["name"]) for tool in tools]
 
 
 def _parameters(fn: dict[str, Any]) -> dict[str, Any]:
